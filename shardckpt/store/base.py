@@ -1,0 +1,91 @@
+"""The ``ObjectStore`` protocol: bytes and keys, nothing else.
+
+Keys are relative to the store's root (an S3 bucket+prefix or a local directory) and use
+``/`` as separator. Data to put is a sequence of buffers (bytes, memoryview, numpy arrays,
+a CPU tensor's bytes) that are concatenated on the wire without being joined in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol, Union, runtime_checkable
+
+# Anything exposing the buffer protocol (bytes, memoryview, numpy arrays, ...).
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """A stored object: ``key`` relative to the store root, ``size`` in bytes,
+    ``mtime`` in seconds since the epoch."""
+
+    key: str
+    size: int
+    mtime: float
+
+
+@dataclass(frozen=True)
+class PendingUpload:
+    """An unfinished multipart upload (S3) or leftover temporary file (local)."""
+
+    key: str
+    upload_id: str
+    started: float
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """What every backend provides. All methods are thread-safe."""
+
+    def uri(self, key: str = "") -> str:
+        """The full URI of ``key`` (for messages)."""
+        ...
+
+    def put(self, key: str, data: Sequence[Buffer], *, if_absent: bool = False) -> None:
+        """Store the concatenation of ``data`` under ``key``, atomically: readers see the old
+        object or the whole new one. With ``if_absent``, raise ``ObjectExistsError`` if the
+        key already exists (an atomic check on S3 via ``If-None-Match: *``)."""
+        ...
+
+    def get_into(self, key: str, offset: int, views: Sequence[memoryview]) -> None:
+        """Read ``sum(len(v))`` bytes of ``key`` from ``offset`` into ``views``, in order.
+        Raises ``ObjectNotFoundError`` or ``ChecksumMismatchError`` if the object is short."""
+        ...
+
+    def get(self, key: str) -> bytes:
+        """The whole object (for small objects such as manifests)."""
+        ...
+
+    def head(self, key: str) -> ObjectInfo | None:
+        """The object's info, or None if it does not exist."""
+        ...
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Objects whose key starts with ``prefix``, in key order."""
+        ...
+
+    def delete(self, keys: Sequence[str]) -> None:
+        """Delete ``keys``; missing keys are not an error."""
+        ...
+
+    def list_pending_uploads(self, prefix: str = "") -> Iterator[PendingUpload]:
+        """Unfinished uploads under ``prefix`` (garbage of crashed writers)."""
+        ...
+
+    def abort_upload(self, upload: PendingUpload) -> None:
+        """Abort an unfinished upload and free its storage."""
+        ...
+
+    def close(self) -> None:
+        """Release clients and threads."""
+        ...
+
+
+def total_size(data: Sequence[Buffer]) -> int:
+    return sum(memoryview(d).nbytes for d in data)
+
+
+def as_byte_views(data: Sequence[Buffer]) -> list[memoryview]:
+    """Flat unsigned-byte views of ``data`` (no copies)."""
+    return [memoryview(d).cast("B") for d in data]

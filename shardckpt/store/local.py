@@ -1,0 +1,153 @@
+"""Local filesystem backend: the embedded default that needs no server.
+
+A put writes a temporary file beside the target, fsyncs it and renames it into place, so a
+reader never sees a partial object; a conditional put links the temporary file to the target
+name, which fails atomically if the target exists.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+
+from shardckpt.errors import (
+    AccessDeniedError,
+    ChecksumMismatchError,
+    InvalidURIError,
+    ObjectExistsError,
+    ObjectNotFoundError,
+    StoreError,
+)
+from shardckpt.store.base import Buffer, ObjectInfo, PendingUpload, as_byte_views
+
+_TMP_MARK = ".tmp-shardckpt-"
+
+
+class LocalStore:
+    """An :class:`~shardckpt.store.base.ObjectStore` over the directory ``root``."""
+
+    def __init__(self, root: str, *, fsync: bool = True) -> None:
+        self.root = os.path.abspath(root)
+        self._fsync = fsync
+
+    def uri(self, key: str = "") -> str:
+        return f"file://{os.path.join(self.root, key)}" if key else f"file://{self.root}"
+
+    def _path(self, key: str) -> str:
+        # Keys come from manifests, which may come from an untrusted copy: never let one
+        # name a file outside the root (no '..', no absolute paths, no symlinked escapes).
+        parts = key.split("/")
+        if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise InvalidURIError(f"invalid object key {key!r} under {self.uri()}")
+        path = os.path.join(self.root, *parts)
+        real = os.path.realpath(path)
+        if real != path and not real.startswith(os.path.realpath(self.root) + os.sep):
+            raise InvalidURIError(f"object key {key!r} escapes {self.uri()} through a symlink")
+        return path
+
+    def put(self, key: str, data: Sequence[Buffer], *, if_absent: bool = False) -> None:
+        path = self._path(key)
+        directory, name = os.path.split(path)
+        tmp = os.path.join(directory, f".{name}{_TMP_MARK}{uuid.uuid4().hex}")
+        try:
+            os.makedirs(directory, exist_ok=True)
+            with open(tmp, "wb") as f:
+                for view in as_byte_views(data):
+                    f.write(view)
+                if self._fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            if if_absent:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise ObjectExistsError(f"{self.uri(key)} already exists", self.uri(key)) from None
+            else:
+                os.replace(tmp, path)
+        except OSError as exc:
+            raise _translate(exc, self.uri(key)) from exc
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+
+    def get_into(self, key: str, offset: int, views: Sequence[memoryview]) -> None:
+        try:
+            with open(self._path(key), "rb", buffering=0) as f:
+                f.seek(offset)
+                for view in views:
+                    got = 0
+                    while got < len(view):
+                        n = f.readinto(view[got:])
+                        if not n:
+                            raise ChecksumMismatchError(
+                                f"{self.uri(key)} is truncated: ended before byte {offset + got}"
+                            )
+                        got += n
+                    offset += got
+        except OSError as exc:
+            raise _translate(exc, self.uri(key)) from exc
+
+    def get(self, key: str) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise _translate(exc, self.uri(key)) from exc
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            st = os.stat(self._path(key))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _translate(exc, self.uri(key)) from exc
+        return ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def _walk(self, prefix: str) -> Iterator[tuple[str, os.stat_result]]:
+        # Start at the deepest directory the prefix names, then filter by the full prefix.
+        start = os.path.join(self.root, os.path.dirname(prefix))
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames.sort()
+            rel = os.path.relpath(dirpath, self.root)
+            for name in filenames:
+                key = name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}"
+                if key.startswith(prefix):
+                    yield key, os.stat(os.path.join(dirpath, name))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        found = [ObjectInfo(k, st.st_size, st.st_mtime) for k, st in self._walk(prefix) if _TMP_MARK not in k]
+        return iter(sorted(found, key=lambda o: o.key))
+
+    def delete(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            try:
+                os.unlink(self._path(key))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise _translate(exc, self.uri(key)) from exc
+
+    def list_pending_uploads(self, prefix: str = "") -> Iterator[PendingUpload]:
+        for key, st in self._walk(""):
+            if _TMP_MARK in key:
+                directory, name = key.rpartition("/")[0], key.rpartition("/")[2]
+                target = name[1 : name.index(_TMP_MARK)]
+                target_key = f"{directory}/{target}" if directory else target
+                if target_key.startswith(prefix):
+                    yield PendingUpload(target_key, key, st.st_mtime)
+
+    def abort_upload(self, upload: PendingUpload) -> None:
+        self.delete([upload.upload_id])
+
+    def close(self) -> None:
+        pass
+
+
+def _translate(exc: OSError, uri: str) -> StoreError:
+    if exc.errno == errno.ENOENT:
+        return ObjectNotFoundError(f"{uri} does not exist", uri)
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return AccessDeniedError(f"{uri}: permission denied ({exc.strerror})", uri)
+    return StoreError(f"{uri}: {exc.strerror or exc}", uri)

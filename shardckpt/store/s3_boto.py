@@ -1,0 +1,363 @@
+"""S3 backend over boto3: universal, thread-pooled, and the only transport with conditional
+puts and multipart listing/abort.
+
+botocore's own retries are off: every request goes through one :class:`RetryPolicy`, so the
+retry budget is ours and retries can be counted.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import urllib3.exceptions
+
+from shardckpt.errors import (
+    AccessDeniedError,
+    BucketNotFoundError,
+    ChecksumMismatchError,
+    EndpointUnreachableError,
+    ObjectExistsError,
+    ObjectNotFoundError,
+    StoreError,
+)
+from shardckpt.store.base import Buffer, ObjectInfo, PendingUpload, as_byte_views, total_size
+from shardckpt.store.retry import TransientError
+from shardckpt.store.s3_config import S3Config
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_NOT_FOUND = {"NoSuchKey", "NotFound", "404"}
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "403"}
+_EXISTS = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
+_THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "503"}
+_TRANSIENT_NET = (
+    botocore.exceptions.ConnectionClosedError,
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ConnectTimeoutError,
+    botocore.exceptions.IncompleteReadError,
+    botocore.exceptions.ResponseStreamingError,
+    urllib3.exceptions.ProtocolError,
+    urllib3.exceptions.ReadTimeoutError,
+    urllib3.exceptions.IncompleteRead,
+    ConnectionError,
+)
+
+
+class BufferChain(io.RawIOBase):
+    """A seekable, read-only file over a sequence of byte views, for request bodies:
+    botocore streams it without the buffers ever being joined."""
+
+    def __init__(self, views: Sequence[memoryview]) -> None:
+        self._views = [v for v in views if len(v)]
+        self._starts: list[int] = []
+        pos = 0
+        for v in self._views:
+            self._starts.append(pos)
+            pos += len(v)
+        self._size = pos
+        self._pos = 0
+        self._index = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = min(max(base + offset, 0), self._size)
+        self._index = 0
+        while self._index + 1 < len(self._views) and self._starts[self._index + 1] <= self._pos:
+            self._index += 1
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        if self._pos >= self._size:
+            return b""
+        while self._starts[self._index] + len(self._views[self._index]) <= self._pos:
+            self._index += 1
+        view = self._views[self._index]
+        start = self._pos - self._starts[self._index]
+        end = len(view) if size is None or size < 0 else min(len(view), start + size)
+        self._pos += end - start
+        return view[start:end].tobytes()
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        memoryview(buffer).cast("B")[: len(data)] = data
+        return len(data)
+
+
+def _slice_views(views: Sequence[memoryview], start: int, length: int) -> list[memoryview]:
+    """The views covering bytes [start, start+length) of the concatenation of ``views``."""
+    out: list[memoryview] = []
+    pos = 0
+    for v in views:
+        lo, hi = max(start, pos), min(start + length, pos + len(v))
+        if lo < hi:
+            out.append(v[lo - pos : hi - pos])
+        pos += len(v)
+    return out
+
+
+class BotoS3Store:
+    """An :class:`~shardckpt.store.base.ObjectStore` over ``s3://bucket/prefix`` via boto3."""
+
+    def __init__(self, bucket: str, prefix: str, config: S3Config) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.config = config
+        self._endpoint = config.resolved_endpoint()
+        session = boto3.session.Session(profile_name=config.profile)
+        self._client = session.client(
+            "s3",
+            endpoint_url=self._endpoint,
+            region_name=config.resolved_region(),
+            config=botocore.config.Config(
+                s3={"addressing_style": "path" if self._endpoint else "auto"},
+                retries={"total_max_attempts": 1},
+                max_pool_connections=max(64, 4 * config.max_concurrency),
+                connect_timeout=config.connect_timeout,
+                read_timeout=config.read_timeout,
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+        self._parts_pool = ThreadPoolExecutor(config.max_concurrency, thread_name_prefix="shardckpt-part")
+        self._lock = threading.Lock()
+        self.retries = 0
+        self.throttled = 0
+
+    # -- naming -----------------------------------------------------------------------
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _rel(self, full_key: str) -> str:
+        return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
+
+    def uri(self, key: str = "") -> str:
+        full = self._key(key) if key else self.prefix
+        return f"s3://{self.bucket}/{full}" if full else f"s3://{self.bucket}"
+
+    # -- retries and error translation --------------------------------------------------
+    def _count_retry(self, exc: TransientError) -> None:
+        with self._lock:
+            self.retries += 1
+            self.throttled += exc.throttled
+
+    def _call(self, what: str, uri: str, fn: Callable[[], T]) -> T:
+        def attempt() -> T:
+            try:
+                return fn()
+            except Exception as exc:  # translated below; nothing is swallowed
+                raise _translate(exc, uri) from exc
+
+        return self.config.retry.run(f"{what} {uri}", attempt, self._count_retry)
+
+    # -- ObjectStore ------------------------------------------------------------------
+    def put(self, key: str, data: Sequence[Buffer], *, if_absent: bool = False) -> None:
+        views = as_byte_views(data)
+        size = total_size(views)
+        if size <= self.config.multipart_threshold or if_absent:
+            extra = {"IfNoneMatch": "*"} if if_absent else {}
+            self._call(
+                "PUT",
+                self.uri(key),
+                lambda: self._client.put_object(
+                    Bucket=self.bucket, Key=self._key(key), Body=BufferChain(views), ContentLength=size, **extra
+                ),
+            )
+            return
+        self._put_multipart(key, views, size)
+
+    def _put_multipart(self, key: str, views: list[memoryview], size: int) -> None:
+        uri, full = self.uri(key), self._key(key)
+        upload_id = self._call(
+            "CreateMultipartUpload", uri, lambda: self._client.create_multipart_upload(Bucket=self.bucket, Key=full)
+        )["UploadId"]
+        part_size = self.config.part_size_for(size)
+        try:
+
+            def upload(number: int) -> dict[str, Any]:
+                start = (number - 1) * part_size
+                part = _slice_views(views, start, min(part_size, size - start))
+                length = total_size(part)
+                reply = self._call(
+                    f"UploadPart {number}",
+                    uri,
+                    lambda: self._client.upload_part(
+                        Bucket=self.bucket,
+                        Key=full,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=BufferChain(part),
+                        ContentLength=length,
+                    ),
+                )
+                return {"PartNumber": number, "ETag": reply["ETag"]}
+
+            numbers = range(1, -(-size // part_size) + 1)
+            parts = list(self._parts_pool.map(upload, numbers))
+            self._call(
+                "CompleteMultipartUpload",
+                uri,
+                lambda: self._client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                ),
+            )
+        except BaseException:
+            self._abort(full, upload_id)
+            raise
+
+    def _abort(self, full_key: str, upload_id: str) -> None:
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=full_key, UploadId=upload_id)
+        except Exception as exc:  # the upload is still listed, so gc can abort it later
+            logger.warning("could not abort multipart upload of s3://%s/%s: %s", self.bucket, full_key, exc)
+
+    def get_into(self, key: str, offset: int, views: Sequence[memoryview]) -> None:
+        length = sum(len(v) for v in views)
+        if length == 0:
+            return
+        uri = self.uri(key)
+
+        def fetch() -> None:
+            reply = self._client.get_object(
+                Bucket=self.bucket, Key=self._key(key), Range=f"bytes={offset}-{offset + length - 1}"
+            )
+            raw = reply["Body"]._raw_stream  # urllib3 response: readinto without extra copies
+            try:
+                pos = offset
+                for view in views:
+                    got = 0
+                    while got < len(view):
+                        n = raw.readinto(view[got:])
+                        if not n:
+                            raise ChecksumMismatchError(f"{uri} is truncated: ended before byte {pos + got}", uri)
+                        got += n
+                    pos += got
+            finally:
+                reply["Body"].close()
+
+        self._call("GET", uri, fetch)
+
+    def get(self, key: str) -> bytes:
+        def fetch() -> bytes:
+            reply = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return reply["Body"].read()
+
+        return self._call("GET", self.uri(key), fetch)
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            reply = self._call(
+                "HEAD", self.uri(key), lambda: self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+            )
+        except ObjectNotFoundError:
+            return None
+        return ObjectInfo(key, reply["ContentLength"], reply["LastModified"].timestamp())
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        token: dict[str, str] = {}
+        while True:
+            page = self._call(
+                "LIST",
+                self.uri(prefix),
+                lambda: self._client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(prefix), **token),
+            )
+            for item in page.get("Contents", []):
+                yield ObjectInfo(self._rel(item["Key"]), item["Size"], item["LastModified"].timestamp())
+            if not page.get("IsTruncated"):
+                return
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+
+    def delete(self, keys: Sequence[str]) -> None:
+        for i in range(0, len(keys), 1000):
+            batch = [{"Key": self._key(k)} for k in keys[i : i + 1000]]
+            reply = self._call(
+                "DELETE",
+                self.uri(keys[i]),
+                lambda b=batch: self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": b, "Quiet": True}),
+            )
+            errors = [e for e in reply.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+            if errors:
+                first = errors[0]
+                raise StoreError(
+                    f"could not delete {len(errors)} objects, first s3://{self.bucket}/{first['Key']}: "
+                    f"{first.get('Code')} {first.get('Message', '')}",
+                    self.uri(keys[i]),
+                )
+
+    def list_pending_uploads(self, prefix: str = "") -> Iterator[PendingUpload]:
+        marker: dict[str, str] = {}
+        while True:
+            page = self._call(
+                "ListMultipartUploads",
+                self.uri(prefix),
+                lambda: self._client.list_multipart_uploads(Bucket=self.bucket, Prefix=self._key(prefix), **marker),
+            )
+            for up in page.get("Uploads", []):
+                yield PendingUpload(self._rel(up["Key"]), up["UploadId"], up["Initiated"].timestamp())
+            if not page.get("IsTruncated"):
+                return
+            marker = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+
+    def abort_upload(self, upload: PendingUpload) -> None:
+        self._call(
+            "AbortMultipartUpload",
+            self.uri(upload.key),
+            lambda: self._client.abort_multipart_upload(
+                Bucket=self.bucket, Key=self._key(upload.key), UploadId=upload.upload_id
+            ),
+        )
+
+    def close(self) -> None:
+        self._parts_pool.shutdown(wait=False)
+        self._client.close()
+
+
+def _translate(exc: Exception, uri: str) -> Exception:
+    """Map a boto/urllib3 error to a shardckpt error or a :class:`TransientError`."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        text = f"{code} {error.get('Message', '')}".strip() or f"HTTP {status}"
+        if code == "NoSuchBucket":
+            return BucketNotFoundError(f"{uri}: bucket does not exist ({text})", uri)
+        if code in _NOT_FOUND:
+            return ObjectNotFoundError(f"{uri} does not exist", uri)
+        if code in _DENIED:
+            return AccessDeniedError(f"{uri}: access denied, check credentials and permissions ({text})", uri)
+        if code in _EXISTS:
+            return ObjectExistsError(f"{uri} already exists", uri)
+        if code == "InvalidRange":
+            return ChecksumMismatchError(f"{uri} is shorter than the requested range ({text})", uri)
+        if code in _THROTTLED or status >= 500 or code in ("InternalError", "RequestTimeout"):
+            return TransientError(f"{text} (HTTP {status})", throttled=code in _THROTTLED or status == 503)
+        return StoreError(f"{uri}: {text} (HTTP {status})", uri)
+    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
+        return EndpointUnreachableError(f"{uri}: cannot reach the S3 endpoint ({exc})", uri)
+    if isinstance(exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError):
+        return AccessDeniedError(f"{uri}: no usable AWS credentials found ({exc})", uri)
+    if isinstance(exc, _TRANSIENT_NET):
+        return TransientError(f"{type(exc).__name__}: {exc}")
+    return exc

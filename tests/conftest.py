@@ -1,0 +1,76 @@
+"""Test infrastructure: real S3 servers on loopback, started once per session.
+
+``store_target`` is parametrized over every backend/transport/server combination; tests that
+need conditional writes or CRT uploads skip the combinations that lack them, with a reason.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from shardckpt.devserver import LocalS3Server, start_moto, start_rclone
+from shardckpt.store import ObjectStore, open_store
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[LocalS3Server]:
+    with start_moto() as server:
+        os.environ.update(server.env)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def rclone() -> Iterator[LocalS3Server]:
+    with start_rclone() as server:
+        os.environ.update(server.env)
+        yield server
+
+
+@dataclass
+class Target:
+    """Where a test writes: ``uri`` plus the ``options`` to open it with."""
+
+    name: str
+    uri: str
+    options: dict[str, object]
+    conditional_put: bool = True
+    crt_upload: bool = True
+
+    def open(self) -> ObjectStore:
+        return open_store(self.uri, **self.options)
+
+
+TARGETS = ["local", "moto-boto3", "moto-crt", "rclone-boto3"]
+
+
+def make_target(name: str, request: pytest.FixtureRequest, tmp_path) -> Target:  # type: ignore[no-untyped-def]
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    if name == "local":
+        return Target(name, str(tmp_path / "store"), {})
+    server_name, transport = name.split("-")
+    server: LocalS3Server = request.getfixturevalue(server_name)
+    server.create_bucket(bucket)
+    return Target(
+        name,
+        f"s3://{bucket}/root",
+        {"endpoint": server.endpoint, "transport": transport},
+        conditional_put=server_name != "rclone",
+        crt_upload=server_name != "rclone",
+    )
+
+
+@pytest.fixture(params=TARGETS)
+def target(request: pytest.FixtureRequest, tmp_path) -> Target:  # type: ignore[no-untyped-def]
+    return make_target(request.param, request, tmp_path)
+
+
+@pytest.fixture
+def store(target: Target) -> Iterator[ObjectStore]:
+    s = target.open()
+    yield s
+    s.close()
