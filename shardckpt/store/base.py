@@ -7,12 +7,13 @@ a CPU tensor's bytes) that are concatenated on the wire without being joined in 
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, Union, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 # Anything exposing the buffer protocol (bytes, memoryview, numpy arrays, ...).
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)
@@ -89,3 +90,24 @@ def total_size(data: Sequence[Buffer]) -> int:
 def as_byte_views(data: Sequence[Buffer]) -> list[memoryview]:
     """Flat unsigned-byte views of ``data`` (no copies)."""
     return [memoryview(d).cast("B") for d in data]
+
+
+def slice_views(
+    views: Sequence[memoryview], start: int, length: int, offsets: Sequence[int] | None = None
+) -> list[memoryview]:
+    """The pieces of the concatenation of ``views`` covering bytes [start, start+length),
+    as views (no copies). ``offsets`` (each view's start) makes the search logarithmic."""
+    if offsets is None:
+        offsets, pos = [], 0
+        for v in views:
+            offsets.append(pos)
+            pos += len(v)
+    out = []
+    end = start + length
+    i = max(bisect.bisect_right(offsets, start) - 1, 0)
+    while i < len(views) and offsets[i] < end:
+        lo, hi = max(start, offsets[i]), min(end, offsets[i] + len(views[i]))
+        if lo < hi:
+            out.append(views[i][lo - offsets[i] : hi - offsets[i]])
+        i += 1
+    return out

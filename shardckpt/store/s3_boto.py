@@ -28,7 +28,14 @@ from shardckpt.errors import (
     ObjectNotFoundError,
     StoreError,
 )
-from shardckpt.store.base import Buffer, ObjectInfo, PendingUpload, as_byte_views, total_size
+from shardckpt.store.base import (
+    Buffer,
+    ObjectInfo,
+    PendingUpload,
+    as_byte_views,
+    slice_views,
+    total_size,
+)
 from shardckpt.store.retry import TransientError
 from shardckpt.store.s3_config import S3Config
 
@@ -102,18 +109,6 @@ class BufferChain(io.RawIOBase):
         data = self.read(len(buffer))
         memoryview(buffer).cast("B")[: len(data)] = data
         return len(data)
-
-
-def _slice_views(views: Sequence[memoryview], start: int, length: int) -> list[memoryview]:
-    """The views covering bytes [start, start+length) of the concatenation of ``views``."""
-    out: list[memoryview] = []
-    pos = 0
-    for v in views:
-        lo, hi = max(start, pos), min(start + length, pos + len(v))
-        if lo < hi:
-            out.append(v[lo - pos : hi - pos])
-        pos += len(v)
-    return out
 
 
 class BotoS3Store:
@@ -196,7 +191,7 @@ class BotoS3Store:
 
             def upload(number: int) -> dict[str, Any]:
                 start = (number - 1) * part_size
-                part = _slice_views(views, start, min(part_size, size - start))
+                part = slice_views(views, start, min(part_size, size - start))
                 length = total_size(part)
                 reply = self._call(
                     f"UploadPart {number}",
@@ -279,7 +274,7 @@ class BotoS3Store:
             page = self._call(
                 "LIST",
                 self.uri(prefix),
-                lambda: self._client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(prefix), **token),
+                lambda t=token: self._client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(prefix), **t),
             )
             for item in page.get("Contents", []):
                 yield ObjectInfo(self._rel(item["Key"]), item["Size"], item["LastModified"].timestamp())
@@ -310,7 +305,7 @@ class BotoS3Store:
             page = self._call(
                 "ListMultipartUploads",
                 self.uri(prefix),
-                lambda: self._client.list_multipart_uploads(Bucket=self.bucket, Prefix=self._key(prefix), **marker),
+                lambda m=marker: self._client.list_multipart_uploads(Bucket=self.bucket, Prefix=self._key(prefix), **m),
             )
             for up in page.get("Uploads", []):
                 yield PendingUpload(self._rel(up["Key"]), up["UploadId"], up["Initiated"].timestamp())

@@ -1,0 +1,45 @@
+"""shardckpt: checkpoint PyTorch training to S3 without stopping training."""
+
+from __future__ import annotations
+
+import logging
+
+from shardckpt.errors import (
+    AccessDeniedError,
+    BucketNotFoundError,
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ChecksumMismatchError,
+    EndpointUnreachableError,
+    IncompleteCheckpointError,
+    InvalidURIError,
+    ManifestError,
+    ObjectNotFoundError,
+    SaveFailedError,
+    ShardckptError,
+    StoreError,
+)
+from shardckpt.reader import ShardReader
+from shardckpt.writer import ShardWriter
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "AccessDeniedError",
+    "BucketNotFoundError",
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointNotFoundError",
+    "ChecksumMismatchError",
+    "EndpointUnreachableError",
+    "IncompleteCheckpointError",
+    "InvalidURIError",
+    "ManifestError",
+    "ObjectNotFoundError",
+    "SaveFailedError",
+    "ShardReader",
+    "ShardWriter",
+    "ShardckptError",
+    "StoreError",
+]

@@ -1,0 +1,44 @@
+"""Raw bytes of tensors and CRC32C over buffers, without copies where the memory allows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import crc32c as _crc32c
+import numpy as np
+import torch
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of ``tensor`` as a flat byte view: no copy for a contiguous CPU tensor;
+    a copy to CPU / contiguous memory otherwise. The view keeps the memory alive."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def byte_view_of(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (for reading into it)."""
+    if tensor.numel() == 0:
+        return memoryview(bytearray(0))
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def crc32c(views: Sequence[memoryview] | memoryview, value: int = 0) -> int:
+    """CRC32C of the concatenation of ``views`` (releases the GIL on large buffers)."""
+    if isinstance(views, memoryview):
+        views = [views]
+    for v in views:
+        if len(v):
+            value = _crc32c.crc32c(v, value)
+    return value
+
+
+def empty_bytes(n: int) -> memoryview:
+    """An uninitialized writable byte buffer (numpy: no zero-fill, unlike bytearray)."""
+    return memoryview(np.empty(n, dtype=np.uint8))

@@ -1,0 +1,63 @@
+"""Object keys of a checkpoint.
+
+A checkpoint lives under a key prefix of a store::
+
+    <checkpoint>/manifest.json                          the commit point, written last
+    <checkpoint>/[<hash>/]<attempt>/rank<r>-<seq>        data, one stream of objects per rank
+
+Every save attempt has a unique id, so no two writers (or a leftover writer of a crashed
+run) can ever overwrite each other's data; the manifest names exactly its own objects.
+With ``fanout`` > 0, data keys start with one of ``fanout`` hashed prefixes so S3 spreads
+the request load over partitions; readers need no listing, the manifest records every key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+
+MANIFEST_NAME = "manifest.json"
+ATTEMPT_MARK = "attempt-"
+
+
+def new_attempt_id() -> str:
+    return f"{ATTEMPT_MARK}{uuid.uuid4().hex[:16]}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Keys of one checkpoint. ``prefix`` is the checkpoint's key prefix in its store
+    ("" when the store is rooted at the checkpoint); ``fanout`` the number of hashed
+    prefixes for data keys (0: none)."""
+
+    prefix: str = ""
+    fanout: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fanout < 0 or self.fanout > 4096:
+            raise ValueError(f"fanout must be in [0, 4096], got {self.fanout}")
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    @property
+    def manifest_key(self) -> str:
+        return self.key(MANIFEST_NAME)
+
+    @property
+    def data_prefix(self) -> str:
+        """Prefix under which all data of this checkpoint lives (for listing and gc)."""
+        return f"{self.prefix}/" if self.prefix else ""
+
+    def data_key(self, attempt: str, rank: int, seq: int) -> str:
+        name = f"{attempt}/rank{rank}-{seq:06d}"
+        if self.fanout:
+            digest = hashlib.blake2b(name.encode(), digest_size=4).digest()
+            name = f"{int.from_bytes(digest, 'big') % self.fanout:03x}/{name}"
+        return self.key(name)
+
+    def is_under(self, key: str) -> bool:
+        """Whether ``key`` belongs to this checkpoint (guards keys read from a manifest)."""
+        parts = key.split("/")
+        return key.startswith(self.data_prefix) and not any(p in ("", ".", "..") for p in parts)
