@@ -112,7 +112,8 @@ class ShardReader(StorageReader):
             self._store = None
         self.manifest = None
 
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+    def read_metadata(self, *args: Any) -> Metadata:
+        # No **kwargs: DCP would then retry with rank=..., reading the manifest twice.
         if self.manifest is None:
             self.manifest = read_manifest(self.store, self._layout)
         return self.manifest.metadata

@@ -1,0 +1,189 @@
+"""A checkpoint is committed by its manifest alone, and every byte read is verified."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from shardckpt import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ChecksumMismatchError,
+    IncompleteCheckpointError,
+    ManifestError,
+    ObjectNotFoundError,
+    ShardReader,
+    ShardWriter,
+)
+from shardckpt.layout import MANIFEST_NAME
+from shardckpt.store import ObjectStore
+from tests.conftest import Target, make_target
+from tests.writer.states import assert_same, make_state
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """DCP wraps per-rank failures in CheckpointException; return rank 0's."""
+    if isinstance(exc, CheckpointException):
+        return next(iter(exc.failures.values()))[0]  # (exception, traceback)
+    return exc
+
+
+def _load_error(uri: str, options: dict[str, Any], state: dict[str, Any] | None = None, **reader: Any) -> BaseException:
+    """The error of loading ``uri``. DCP turns a failed ``read_metadata`` into an
+    AssertionError carrying our message, so manifest errors are taken from the reader."""
+    try:
+        ShardReader(uri, **options, **reader).read_metadata()
+    except Exception as exc:
+        with pytest.raises((Exception, CheckpointException)) as info:
+            dcp.load(make_state(2, 1), storage_reader=ShardReader(uri, **options, **reader))
+        assert str(exc) in str(_cause(info.value)), "dcp.load must carry our message"
+        return exc
+    with pytest.raises((Exception, CheckpointException)) as info:
+        dcp.load(state if state is not None else make_state(2, 1), storage_reader=ShardReader(uri, **options, **reader))
+    return _cause(info.value)
+
+
+@pytest.fixture(params=["local", "moto-boto3"])
+def saved(request: pytest.FixtureRequest, tmp_path) -> tuple[Target, ObjectStore, str]:  # type: ignore[no-untyped-def]
+    target = make_target(request.param, request, tmp_path)
+    uri = f"{target.uri}/ckpt"
+    dcp.save(make_state(1, 1), storage_writer=ShardWriter(uri, object_size=1 << 20, **target.options))
+    return target, target.open(), uri
+
+
+def _data_keys(store: ObjectStore) -> list[str]:
+    return [o.key for o in store.list("ckpt/") if not o.key.endswith(MANIFEST_NAME)]
+
+
+def test_states_differ_is_detected() -> None:
+    with pytest.raises(AssertionError):
+        assert_same(make_state(1, 1), make_state(2, 1))
+
+
+def test_deleted_manifest_makes_checkpoint_invisible(saved) -> None:  # type: ignore[no-untyped-def]
+    target, store, uri = saved
+    store.delete([f"ckpt/{MANIFEST_NAME}"])
+    err = _load_error(uri, target.options)
+    assert isinstance(err, IncompleteCheckpointError) and "ckpt" in str(err)
+
+
+def test_nothing_there_is_not_found(saved) -> None:  # type: ignore[no-untyped-def]
+    target, _, uri = saved
+    err = _load_error(uri + "-other", target.options)
+    assert isinstance(err, CheckpointNotFoundError) and "ckpt-other" in str(err)
+
+
+@pytest.mark.parametrize("which", ["first", "last"])
+def test_flipped_byte_in_any_object_is_detected(saved, which: str) -> None:  # type: ignore[no-untyped-def]
+    target, store, uri = saved
+    keys = _data_keys(store)
+    key = keys[0] if which == "first" else keys[-1]
+    data = bytearray(store.get(key))
+    data[len(data) // 2] ^= 0x01
+    store.put(key, [bytes(data)])
+    err = _load_error(uri, target.options)
+    assert isinstance(err, ChecksumMismatchError) and key in str(err)
+
+
+def test_truncated_object_is_detected(saved) -> None:  # type: ignore[no-untyped-def]
+    target, store, uri = saved
+    key = _data_keys(store)[0]
+    store.put(key, [store.get(key)[:-10]])
+    err = _load_error(uri, target.options)
+    assert isinstance(err, ChecksumMismatchError | ObjectNotFoundError) and key in str(err)
+
+
+def test_missing_object_is_detected(saved) -> None:  # type: ignore[no-untyped-def]
+    target, store, uri = saved
+    key = _data_keys(store)[0]
+    store.delete([key])
+    err = _load_error(uri, target.options)
+    assert isinstance(err, ObjectNotFoundError) and key in str(err)
+
+
+def test_second_commit_fails_and_overwrite_replaces(saved) -> None:  # type: ignore[no-untyped-def]
+    target, store, uri = saved
+    if not target.conditional_put:
+        pytest.skip("server ignores If-None-Match")
+    with pytest.raises((Exception, CheckpointException)) as info:
+        dcp.save(make_state(2, 1), storage_writer=ShardWriter(uri, **target.options))
+    assert isinstance(_cause(info.value), CheckpointExistsError)
+    dcp.save(make_state(2, 1), storage_writer=ShardWriter(uri, overwrite=True, **target.options))
+    loaded = make_state(3, 1)
+    dcp.load(loaded, storage_reader=ShardReader(uri, **target.options))
+    assert_same(loaded, make_state(2, 1))
+
+
+def test_racing_commit_loses_with_checkpoint_exists(saved) -> None:  # type: ignore[no-untyped-def]
+    """The early existence check passed, then another writer committed: the conditional put
+    of the manifest is what decides."""
+    target, store, uri = saved
+    if not target.conditional_put:
+        pytest.skip("server ignores If-None-Match")
+    store.delete([f"ckpt/{MANIFEST_NAME}"])
+    writer = ShardWriter(uri, **target.options)
+    writer.set_up_storage_writer(True)  # passes: no manifest yet
+    dcp.save(make_state(4, 1), storage_writer=ShardWriter(uri, **target.options))  # the other writer wins
+    with pytest.raises((Exception, CheckpointException)) as info:
+        dcp.save(make_state(5, 1), storage_writer=_NoPrecheck(uri, **target.options))
+    assert isinstance(_cause(info.value), CheckpointExistsError)
+    loaded = make_state(6, 1)
+    dcp.load(loaded, storage_reader=ShardReader(uri, **target.options))
+    assert_same(loaded, make_state(4, 1))
+
+
+class _NoPrecheck(ShardWriter):
+    """A writer that lost the race after its early check (the check is skipped)."""
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        overwrite = self.options
+        object.__setattr__(overwrite, "overwrite", True)
+        super().set_up_storage_writer(is_coordinator, *args, **kwargs)
+        object.__setattr__(overwrite, "overwrite", False)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x80\x04garbage", "invalid JSON"),
+        (b'{"hello": 1}', "not a shardckpt manifest"),
+        (None, "version 99"),
+        (None, "corrupt manifest"),
+        (None, "outside its checkpoint"),
+    ],
+)
+def test_bad_manifest_gives_clear_error(saved, content: bytes | None, message: str) -> None:  # type: ignore[no-untyped-def]
+    target, store, uri = saved
+    key = f"ckpt/{MANIFEST_NAME}"
+    if content is None:
+        doc = json.loads(store.get(key))
+        if message == "version 99":
+            doc["version"] = 99
+        elif message == "corrupt manifest":
+            del doc["streams"]
+        else:
+            doc["streams"][0]["objects"][0][0] = "../../elsewhere/secret"
+        content = json.dumps(doc).encode()
+    store.put(key, [content])
+    err = _load_error(uri, target.options)
+    assert isinstance(err, ManifestError) and message in str(err) and "manifest.json" in str(err)
+
+
+class Custom:
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+
+def test_values_needing_full_unpickling_are_refused_unless_trusted(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    uri = str(tmp_path / "ckpt")
+    dcp.save({"obj": Custom(3), "t": torch.ones(2)}, storage_writer=ShardWriter(uri))
+    err = _load_error(uri, {}, {"obj": None, "t": torch.zeros(2)})
+    assert isinstance(err, ManifestError) and "trusted=True" in str(err) and "obj" in str(err)
+    state: dict[str, Any] = {"obj": None, "t": torch.zeros(2)}
+    dcp.load(state, storage_reader=ShardReader(uri, trusted=True))
+    assert state["obj"].x == 3
