@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from shardckpt.checkpointer import Checkpointer, SaveHandle
 from shardckpt.errors import (
     AccessDeniedError,
     BucketNotFoundError,
@@ -18,9 +19,11 @@ from shardckpt.errors import (
     ObjectNotFoundError,
     SaveFailedError,
     ShardckptError,
+    StateDictMismatchError,
     StoreError,
 )
 from shardckpt.reader import ShardReader
+from shardckpt.staging import PinnedStager
 from shardckpt.writer import ShardWriter
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -41,5 +44,9 @@ __all__ = [
     "ShardReader",
     "ShardWriter",
     "ShardckptError",
+    "StateDictMismatchError",
     "StoreError",
+    "Checkpointer",
+    "SaveHandle",
+    "PinnedStager",
 ]

@@ -7,7 +7,6 @@ the CRT client cannot upload to it). Both bind 127.0.0.1 only. Needs the ``test`
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -51,9 +50,8 @@ class LocalS3Server:
     env: dict[str, str] = field(default_factory=dict)
 
     def create_bucket(self, name: str) -> None:
-        if self.data_dir is not None:  # rclone serves the folders of its data dir as buckets
-            os.makedirs(os.path.join(self.data_dir, name), exist_ok=True)
-            return
+        # Through the S3 API on both servers: rclone caches its directory listing (5 min by
+        # default), so a folder made behind its back is not a bucket until that expires.
         import boto3
 
         boto3.client(

@@ -73,3 +73,7 @@ class ChecksumMismatchError(CheckpointError):
 
 class SaveFailedError(CheckpointError):
     """A (background) save failed; the message names step, rank, key and cause."""
+
+
+class StateDictMismatchError(CheckpointError):
+    """The state dict to load into does not fit the checkpoint (missing key, other shape)."""

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
@@ -29,6 +30,7 @@ from shardckpt.errors import (
     ManifestError,
     ObjectNotFoundError,
     ShardckptError,
+    StateDictMismatchError,
 )
 from shardckpt.layout import Layout
 from shardckpt.manifest import ItemLocation, Manifest, ObjectRecord, StreamRecord
@@ -248,6 +250,26 @@ def _coalesce(key: str, ranges: list[tuple[int, memoryview]]) -> list[tuple[str,
             requests.append((key, start, [view]))
         end = start + len(view)
     return requests
+
+
+def check_state_dict(state_dict: dict[str, Any], metadata: Metadata, uri: str) -> None:
+    """Raise :class:`StateDictMismatchError` if the checkpoint cannot fill ``state_dict``:
+    keys it lacks, or tensors whose (global) shape differs from the saved one."""
+    flat, _ = flatten_state_dict(state_dict)
+    saved = metadata.state_dict_metadata
+    missing = [k for k in flat if k not in saved]
+    shapes = [
+        f"{k}: saved {list(saved[k].size)}, given {list(v.shape)}"
+        for k, v in flat.items()
+        if k in saved and isinstance(v, torch.Tensor) and isinstance(saved[k], TensorStorageMetadata) and saved[k].size != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} keys not in the checkpoint: {', '.join(missing[:10])}")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches: {'; '.join(shapes[:10])}")
+    if problems:
+        raise StateDictMismatchError(f"{uri} cannot fill this state dict: " + "; ".join(problems))
 
 
 def _check_safe_to_unpickle(data: bytes, fqn: str, uri: str) -> None:

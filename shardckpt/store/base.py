@@ -66,6 +66,11 @@ class ObjectStore(Protocol):
         """Objects whose key starts with ``prefix``, in key order."""
         ...
 
+    def list_prefixes(self, prefix: str = "") -> list[str]:
+        """The distinct "directories" directly below ``prefix`` (which ends with ``/`` or is
+        empty), without their trailing ``/``, sorted: e.g. the checkpoints under a root."""
+        ...
+
     def delete(self, keys: Sequence[str]) -> None:
         """Delete ``keys``; missing keys are not an error."""
         ...

@@ -120,14 +120,34 @@ class LocalStore:
         found = [ObjectInfo(k, st.st_size, st.st_mtime) for k, st in self._walk(prefix) if _TMP_MARK not in k]
         return iter(sorted(found, key=lambda o: o.key))
 
+    def list_prefixes(self, prefix: str = "") -> list[str]:
+        directory = os.path.join(self.root, prefix)
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            return []
+        return sorted(f"{prefix}{n}" for n in names if os.path.isdir(os.path.join(directory, n)))
+
     def delete(self, keys: Sequence[str]) -> None:
         for key in keys:
+            path = self._path(key)
             try:
-                os.unlink(self._path(key))
+                os.unlink(path)
             except FileNotFoundError:
                 pass
             except OSError as exc:
                 raise _translate(exc, self.uri(key)) from exc
+            self._prune_empty_dirs(os.path.dirname(path))
+
+    def _prune_empty_dirs(self, directory: str) -> None:
+        """Remove directories left empty by a delete, up to (not including) the root, so
+        deleted checkpoints leave no folders behind."""
+        while directory != self.root and directory.startswith(self.root + os.sep):
+            try:
+                os.rmdir(directory)
+            except OSError:  # not empty (or already gone): stop
+                return
+            directory = os.path.dirname(directory)
 
     def list_pending_uploads(self, prefix: str = "") -> Iterator[PendingUpload]:
         for key, st in self._walk(""):

@@ -282,6 +282,22 @@ class BotoS3Store:
                 return
             token = {"ContinuationToken": page["NextContinuationToken"]}
 
+    def list_prefixes(self, prefix: str = "") -> list[str]:
+        found: list[str] = []
+        token: dict[str, str] = {}
+        while True:
+            page = self._call(
+                "LIST",
+                self.uri(prefix),
+                lambda t=token: self._client.list_objects_v2(
+                    Bucket=self.bucket, Prefix=self._key(prefix), Delimiter="/", **t
+                ),
+            )
+            found += [self._rel(p["Prefix"]).rstrip("/") for p in page.get("CommonPrefixes", [])]
+            if not page.get("IsTruncated"):
+                return sorted(found)
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+
     def delete(self, keys: Sequence[str]) -> None:
         for i in range(0, len(keys), 1000):
             batch = [{"Key": self._key(k)} for k in keys[i : i + 1000]]

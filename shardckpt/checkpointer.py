@@ -1,0 +1,315 @@
+"""``Checkpointer``: asynchronous, atomic checkpoints for the training loop.
+
+``save(step, state)`` blocks only for the snapshot into host buffers; upload and commit run
+on one background thread. Coordination of a background save uses a dedicated gloo group
+created once at start-up, so it never touches the training's (NCCL) group, and at most one
+save is in flight, so the collectives of consecutive saves never interleave.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+from shardckpt.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    SaveFailedError,
+    ShardckptError,
+)
+from shardckpt.layout import Layout
+from shardckpt.reader import ShardReader, check_state_dict, read_manifest
+from shardckpt.staging import HostStaging
+from shardckpt.store import open_store
+from shardckpt.writer import ShardWriter, _split_options
+
+logger = logging.getLogger(__name__)
+
+STEP_PREFIX = "step-"
+
+
+def step_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:010d}"
+
+
+def parse_step(name: str) -> int | None:
+    digits = name.removeprefix(STEP_PREFIX)
+    return int(digits) if name.startswith(STEP_PREFIX) and digits.isdigit() else None
+
+
+@dataclass
+class SaveStats:
+    """Figures of one save: seconds the caller was blocked, seconds until committed, bytes."""
+
+    step: int
+    blocked_s: float
+    staged_bytes: int
+    total_s: float | None = None
+
+
+class SaveHandle:
+    """The handle ``save`` returns: ``wait()`` blocks until committed (raising its error),
+    ``done()`` tells whether it has finished."""
+
+    def __init__(self, step: int, future: Future[None] | None, stats: SaveStats) -> None:
+        self.step = step
+        self.stats = stats
+        self._future = future
+
+    @property
+    def skipped(self) -> bool:
+        return self._future is None
+
+    def done(self) -> bool:
+        return self._future is None or self._future.done()
+
+    def wait(self) -> None:
+        if self._future is not None:
+            self._future.result()
+
+
+class Checkpointer:
+    """Save every N steps, resume from the latest, keep the last N.
+
+    ``root_uri``: where checkpoints live, one per step (``<root>/step-0000000100/``).
+    ``keep_last``: after each commit, delete all but the newest N committed checkpoints.
+    ``process_group``: the ranks that checkpoint together (default: the whole world); a
+    dedicated gloo group over them is created here, so every rank must construct the
+    Checkpointer at the same point. ``when_busy``: what ``save`` does while the previous
+    save is still uploading: ``"wait"`` (default) or ``"skip"`` (with a warning).
+    ``collective_timeout``: seconds a background collective may wait for a peer.
+    Other options go to :class:`~shardckpt.writer.WriterOptions` (``object_size``,
+    ``num_threads``, ``fanout``) and the store (``endpoint``, ``region``, ...).
+    """
+
+    def __init__(
+        self,
+        root_uri: str | os.PathLike[str],
+        *,
+        keep_last: int | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        when_busy: str = "wait",
+        collective_timeout: float = 1800.0,
+        trusted: bool = False,
+        **options: Any,
+    ) -> None:
+        if keep_last is not None and keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+        if when_busy not in ("wait", "skip"):
+            raise ValueError(f"when_busy must be 'wait' or 'skip', got {when_busy!r}")
+        self.root_uri = os.fspath(root_uri)
+        self.keep_last = keep_last
+        self.when_busy = when_busy
+        self.trusted = trusted
+        self.writer_options, store_options = _split_options(options)
+        self.store = open_store(self.root_uri, **store_options)
+        self._group = _dedicated_group(process_group, collective_timeout)
+        self.rank = dist.get_rank(self._group) if self._group is not None else 0
+        self.staging = HostStaging()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-save")
+        self._planner = DefaultSavePlanner(enable_plan_caching=True)
+        self._pending: SaveHandle | None = None
+        self._error: BaseException | None = None
+        self._known_steps = set(self._committed_steps())
+        self.history: list[SaveStats] = []
+        self._closed = False
+
+    # -- saving ----------------------------------------------------------------------------
+    def save(self, step: int, state_dict: dict[str, Any]) -> SaveHandle:
+        """Snapshot ``state_dict`` and return; upload and commit continue in the background.
+
+        Raises the error of an earlier background save, if there was one. Every rank must
+        call ``save`` with the same steps in the same order.
+        """
+        self._check_open()
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        self._raise_background_error()
+        if step in self._known_steps:
+            raise CheckpointExistsError(f"{self.store.uri(step_name(step))} already exists (step {step} was saved)")
+        if self._pending is not None and not self._pending.done():
+            if self.when_busy == "skip":
+                warnings.warn(f"shardckpt: skipping save of step {step}: step {self._pending.step} is still uploading", stacklevel=2)
+                return SaveHandle(step, None, SaveStats(step, 0.0, 0))
+            self.wait()
+        started = time.perf_counter()
+        staged = self.staging.snapshot(state_dict)
+        stats = SaveStats(step, time.perf_counter() - started, self.staging.nbytes)
+        self._known_steps.add(step)
+        future = self._executor.submit(self._upload, step, staged, stats, started)
+        future.add_done_callback(self._remember_error)
+        self._pending = SaveHandle(step, future, stats)
+        return self._pending
+
+    def _upload(self, step: int, staged: dict[str, Any], stats: SaveStats, started: float) -> None:
+        layout = Layout(step_name(step), self.writer_options.fanout)
+        writer = ShardWriter._for_checkpoint(
+            self.store, layout, self.store.uri(step_name(step)), {"step": step}, self.writer_options
+        )
+        try:
+            dcp.save(staged, storage_writer=writer, planner=self._planner, process_group=self._group)
+        except CheckpointException as exc:
+            raise SaveFailedError(f"save of step {step} to {self.store.uri(step_name(step))} failed: {_describe(exc)}") from _first_cause(exc)
+        except Exception as exc:
+            raise SaveFailedError(f"save of step {step} to {self.store.uri(step_name(step))} failed on rank {self.rank}: {exc}") from exc
+        stats.total_s = time.perf_counter() - started
+        self.history.append(stats)
+        logger.info(
+            "shardckpt step=%d blocked_s=%.4f total_s=%.3f bytes=%d uri=%s",
+            step, stats.blocked_s, stats.total_s, stats.staged_bytes, self.store.uri(step_name(step)),
+        )
+        if self.keep_last is not None and self.rank == 0:
+            self._apply_retention()
+
+    def _remember_error(self, future: Future[None]) -> None:
+        exc = future.exception()
+        if exc is not None and self._error is None:
+            self._error = exc
+
+    def _raise_background_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def wait(self) -> None:
+        """Block until every save in flight is committed; raise a background error."""
+        if self._pending is not None:
+            try:
+                self._pending.wait()
+            except BaseException:
+                self._error = None  # raised here, so not again
+                raise
+            finally:
+                self._pending = None
+        self._raise_background_error()
+
+    # -- discovery --------------------------------------------------------------------------
+    def _committed_steps(self) -> list[int]:
+        names = self.store.list_prefixes("")
+        steps = [s for s in (parse_step(n) for n in names) if s is not None]
+        return [s for s in steps if self.store.head(Layout(step_name(s)).manifest_key) is not None]
+
+    def steps(self) -> list[int]:
+        """Committed steps, oldest first (checkpoints without a manifest are ignored)."""
+        return sorted(self._committed_steps())
+
+    def latest(self) -> int | None:
+        """The newest committed step, or None."""
+        names = self.store.list_prefixes("")
+        for step in sorted((s for s in (parse_step(n) for n in names) if s is not None), reverse=True):
+            if self.store.head(Layout(step_name(step)).manifest_key) is not None:
+                return step
+        return None
+
+    # -- loading ----------------------------------------------------------------------------
+    def load(self, state_dict: dict[str, Any], step: int | None = None) -> int:
+        """Load checkpoint ``step`` (default: the latest) into ``state_dict`` in place;
+        return the step loaded. Resharding to another world size works as in DCP."""
+        self._check_open()
+        self.wait()  # a background save's collectives must not interleave with ours
+        if step is None:
+            step = self.latest()
+            if step is None:
+                raise CheckpointNotFoundError(f"no committed checkpoint under {self.store.uri()}")
+        elif not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        layout = Layout(step_name(step))
+        reader = ShardReader._for_checkpoint(self.store, layout, self.store.uri(step_name(step)), trusted=self.trusted)
+        reader.manifest = read_manifest(self.store, layout)
+        check_state_dict(state_dict, reader.manifest.metadata, reader.uri)
+        try:
+            dcp.load(state_dict, storage_reader=reader, process_group=self._group)
+        except CheckpointException as exc:
+            cause = _first_cause(exc)
+            if isinstance(cause, ShardckptError):
+                raise cause from exc
+            raise
+        return step
+
+    # -- retention --------------------------------------------------------------------------
+    def _apply_retention(self) -> None:
+        assert self.keep_last is not None
+        try:
+            steps = self.steps()
+            for step in steps[: -self.keep_last]:
+                delete_checkpoint(self.store, Layout(step_name(step)))
+        except Exception as exc:  # the checkpoint stays; gc can remove it later
+            warnings.warn(f"shardckpt: retention could not delete old checkpoints: {exc}", stacklevel=1)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Wait for the save in flight, then free threads and buffers."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            self._executor.shutdown(wait=True)
+            self.staging.close()
+            self.store.close()
+            if self._group is not None:
+                dist.destroy_process_group(self._group)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Checkpointer is closed")
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def install_sigterm_handler(self, final_save: Callable[[], None] | None = None) -> None:
+        """On SIGTERM: let the save in flight commit, run ``final_save`` (e.g. a last
+        ``save``), then exit with status 143. Opt-in; call from the main thread."""
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def handler(signum: int, frame: Any) -> None:
+            logger.warning("shardckpt: SIGTERM: finishing the save in flight before exiting")
+            signal.signal(signal.SIGTERM, previous if callable(previous) else signal.SIG_DFL)
+            try:
+                if final_save is not None:
+                    final_save()
+                self.close()
+            finally:
+                sys.exit(128 + signum)
+
+        signal.signal(signal.SIGTERM, handler)
+
+
+def delete_checkpoint(store: Any, layout: Layout) -> None:
+    """Delete one checkpoint: its manifest first (so it stops existing), then its data."""
+    store.delete([layout.manifest_key])
+    store.delete([o.key for o in store.list(layout.data_prefix)])
+
+
+def _dedicated_group(group: dist.ProcessGroup | None, timeout: float) -> dist.ProcessGroup | None:
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    ranks = None if group is None else dist.get_process_group_ranks(group)
+    return dist.new_group(ranks=ranks, backend="gloo", timeout=timedelta(seconds=timeout))
+
+
+def _first_cause(exc: CheckpointException) -> BaseException:
+    return next(iter(exc.failures.values()))[0]
+
+
+def _describe(exc: CheckpointException) -> str:
+    return "; ".join(f"rank {rank}: {type(e).__name__}: {e}" for rank, (e, _) in sorted(exc.failures.items()))
+

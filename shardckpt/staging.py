@@ -1,0 +1,123 @@
+"""The ``staging`` layer: snapshot a state dict into reused host buffers.
+
+The snapshot is the only part of a save that blocks training. GPU tensors are copied into
+pinned host buffers on a dedicated CUDA stream with non-blocking copies, then synchronized
+with an event; CPU tensors are copied into plain host buffers. Buffers are allocated on the
+first save and reused by every later save of the same shapes, so staging memory is bounded
+by one copy of the state and never grows across saves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.staging import AsyncStager
+from torch.distributed.tensor import DTensor
+
+logger = logging.getLogger(__name__)
+
+Path = tuple[Any, ...]
+
+
+class HostStaging:
+    """A pool of host buffers and the copies into it.
+
+    ``pin_memory``: pin buffers (default: when CUDA is available, since only then does pinning
+    speed copies up).
+    """
+
+    def __init__(self, *, pin_memory: bool | None = None) -> None:
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._buffers: dict[Path, torch.Tensor] = {}
+        self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory held by staging buffers, in bytes."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def snapshot(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A copy of ``state_dict`` whose tensors live in host buffers; returns once every
+        copy is complete, so training may then modify ``state_dict`` freely."""
+        staged, wait = self.snapshot_async(state_dict)
+        wait()
+        return staged
+
+    def snapshot_async(self, state_dict: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], None]]:
+        """Start the copies; return the staged state and a function that blocks until the
+        copies are complete (for overlapping the device-to-host copy with compute)."""
+        with self._lock:
+            seen: set[Path] = set()
+            event = None
+            if self._stream is not None:
+                # The side stream must see every kernel already queued on the compute stream.
+                self._stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+                staged = self._copy_tree(state_dict, (), seen)
+                if self._stream is not None:
+                    event = torch.cuda.Event()
+                    event.record(self._stream)
+            for path in set(self._buffers) - seen:  # state shrank: free what it no longer needs
+                del self._buffers[path]
+        logger.debug("staged %d tensors, %d bytes of host buffers", len(seen), self.nbytes)
+        return staged, (event.synchronize if event is not None else _no_wait)
+
+    def _copy_tree(self, value: Any, path: Path, seen: set[Path]) -> Any:
+        if isinstance(value, DTensor):
+            local = self._copy_tensor(value.to_local(), path, seen)
+            return DTensor(local, value._spec, requires_grad=False)
+        if isinstance(value, torch.Tensor):
+            return self._copy_tensor(value, path, seen)
+        if isinstance(value, dict):
+            return {k: self._copy_tree(v, (*path, k), seen) for k, v in value.items()}
+        if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
+            return type(value)(self._copy_tree(v, (*path, i), seen) for i, v in enumerate(value))
+        return copy.deepcopy(value)  # non-tensor values may be mutated by training later
+
+    def _copy_tensor(self, tensor: torch.Tensor, path: Path, seen: set[Path]) -> torch.Tensor:
+        seen.add(path)
+        buffer = self._buffers.get(path)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            pin = self.pin_memory and tensor.device.type == "cuda"
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
+            self._buffers[path] = buffer
+        buffer.copy_(tensor.detach(), non_blocking=tensor.device.type == "cuda")
+        return buffer
+
+    def close(self) -> None:
+        with self._lock:
+            self._buffers.clear()
+
+
+class PinnedStager(AsyncStager):
+    """DCP ``AsyncStager`` on top of :class:`HostStaging`, for
+    ``dcp.async_save(sd, storage_writer=ShardWriter(...), async_stager=PinnedStager())``.
+
+    Buffers are reused by the next ``stage``: wait for the previous ``async_save``'s future
+    before starting the next one (the :class:`~shardckpt.Checkpointer` does this for you).
+    """
+
+    _synchronize_after_execute = False
+
+    def __init__(self, *, pin_memory: bool | None = None) -> None:
+        self.staging = HostStaging(pin_memory=pin_memory)
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return self.staging.snapshot(state_dict)
+
+    def synchronize_staging(self) -> None:
+        """Nothing to do: :meth:`stage` returns after the copies are complete."""
+
+    def close(self) -> None:
+        self.staging.close()
+
+
+def _no_wait() -> None:
+    return None
