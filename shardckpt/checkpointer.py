@@ -123,7 +123,6 @@ class Checkpointer:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-save")
         self._planner = DefaultSavePlanner(enable_plan_caching=True)
         self._pending: SaveHandle | None = None
-        self._error: BaseException | None = None
         self._known_steps = set(self._committed_steps())
         self.history: list[SaveStats] = []
         self._closed = False
@@ -151,7 +150,6 @@ class Checkpointer:
         stats = SaveStats(step, time.perf_counter() - started, self.staging.nbytes)
         self._known_steps.add(step)
         future = self._executor.submit(self._upload, step, staged, stats, started)
-        future.add_done_callback(self._remember_error)
         self._pending = SaveHandle(step, future, stats)
         return self._pending
 
@@ -175,27 +173,17 @@ class Checkpointer:
         if self.keep_last is not None and self.rank == 0:
             self._apply_retention()
 
-    def _remember_error(self, future: Future[None]) -> None:
-        exc = future.exception()
-        if exc is not None and self._error is None:
-            self._error = exc
-
     def _raise_background_error(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        """Raise the error of a finished background save, once."""
+        if self._pending is not None and self._pending.done():
+            pending, self._pending = self._pending, None
+            pending.wait()
 
     def wait(self) -> None:
-        """Block until every save in flight is committed; raise a background error."""
+        """Block until the save in flight is committed; raise its error, once."""
         if self._pending is not None:
-            try:
-                self._pending.wait()
-            except BaseException:
-                self._error = None  # raised here, so not again
-                raise
-            finally:
-                self._pending = None
-        self._raise_background_error()
+            pending, self._pending = self._pending, None
+            pending.wait()
 
     # -- discovery --------------------------------------------------------------------------
     def _committed_steps(self) -> list[int]:

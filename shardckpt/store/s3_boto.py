@@ -171,11 +171,16 @@ class BotoS3Store:
         size = total_size(views)
         if size <= self.config.multipart_threshold or if_absent:
             extra = {"IfNoneMatch": "*"} if if_absent else {}
+            # An empty body goes as bytes: botocore sends "Expect: 100-continue" with every
+            # file-like body, and an empty one poisons the pooled connection against Go
+            # servers (rclone, MinIO): the next PUT on it stalls for read_timeout, then
+            # retries (boto/botocore#3755).
+            body = BufferChain(views) if size else b""
             self._call(
                 "PUT",
                 self.uri(key),
                 lambda: self._client.put_object(
-                    Bucket=self.bucket, Key=self._key(key), Body=BufferChain(views), ContentLength=size, **extra
+                    Bucket=self.bucket, Key=self._key(key), Body=body, ContentLength=size, **extra
                 ),
             )
             return

@@ -1,0 +1,186 @@
+"""The Checkpointer in a training loop: async saves, exact loads, bounded memory, retention,
+errors that surface, and DCP's async_save with our stager."""
+
+from __future__ import annotations
+
+import os
+import resource
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+from shardckpt import (
+    Checkpointer,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    PinnedStager,
+    SaveFailedError,
+    ShardReader,
+    ShardWriter,
+    StateDictMismatchError,
+)
+from tests.conftest import make_target
+from tests.distributed import run_ranks
+from tests.writer.states import fingerprint
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class Toy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(64, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024))
+        self.head = torch.nn.Linear(1024, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def _state(model: Toy, opt: torch.optim.Optimizer, sharded: torch.Tensor, step: int) -> dict[str, Any]:
+    return {"model": model.state_dict(), "optim": opt.state_dict(), "sharded": sharded, "meta": {"step": step}}
+
+
+def _train_and_save(rank: int, world_size: int, uri: str, options: dict[str, Any]) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = Toy()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    mesh = init_device_mesh("cpu", (world_size,))
+    sharded = distribute_tensor(torch.zeros(64, 256), mesh, [Shard(0)])
+    expected: dict[int, dict[str, Any]] = {}  # fingerprints: clones would dwarf the RSS check
+    rss: dict[int, float] = {}
+    with Checkpointer(uri, **options) as ck:
+        for step in range(1, 21):
+            x = torch.randn(16, 64)
+            model(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            sharded.add_(1.0)
+            state = _state(model, opt, sharded, step)
+            expected[step] = fingerprint(state)
+            ck.save(step, state)
+            if step in (2, 20):
+                ck.wait()
+                rss[step] = _rss_mib()
+        ck.wait()
+        assert ck.steps() == list(range(1, 21))
+        assert ck.staging.nbytes > 0
+        for step in (1, 7, 20):
+            torch.manual_seed(123)
+            fresh_model, fresh_sharded = Toy(), distribute_tensor(torch.full((64, 256), -1.0), mesh, [Shard(0)])
+            fresh_opt = torch.optim.Adam(fresh_model.parameters(), lr=1e-3)
+            fresh_model(torch.randn(2, 64)).sum().backward()
+            fresh_opt.step()  # creates the optimizer state to load into
+            fresh = _state(fresh_model, fresh_opt, fresh_sharded, -1)
+            assert ck.load(fresh, step=step) == step
+            assert fingerprint(fresh) == expected[step], f"step {step} did not load bit-exact"
+    return rss
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["local", "moto-boto3"])
+def test_twenty_async_saves_while_training(backend: str, request: pytest.FixtureRequest, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    target = make_target(backend, request, tmp_path)
+    results = run_ranks(_train_and_save, 2, f"{target.uri}/run", target.options)
+    for rss in results:
+        # Staging holds one copy of the state (~9 MiB here); a buffer per save would add
+        # ~160 MiB over 18 saves.
+        assert rss[20] <= rss[2] * 1.05, f"RSS grew from {rss[2]:.0f} MiB to {rss[20]:.0f} MiB"
+
+
+def test_retention_keeps_exactly_n(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with Checkpointer(tmp_path / "run", keep_last=3) as ck:
+        for step in range(7):
+            ck.save(step, {"w": torch.full((4,), float(step))})
+        ck.wait()
+        assert ck.steps() == [4, 5, 6]
+        assert sorted(os.listdir(tmp_path / "run")) == ["step-0000000004", "step-0000000005", "step-0000000006"]
+        out = {"w": torch.zeros(4)}
+        assert ck.load(out) == 6 and torch.equal(out["w"], torch.full((4,), 6.0))
+
+
+@pytest.mark.parametrize("surfaces_on", ["save", "wait", "close"])
+def test_background_failure_surfaces_on_next_call(tmp_path, surfaces_on: str) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "run"
+    ck = Checkpointer(root)
+    ck.save(1, {"w": torch.ones(3)}).wait()
+    (root / "step-0000000002").write_text("a file where the checkpoint's folder must go")
+    handle = ck.save(2, {"w": torch.ones(3)})  # the snapshot succeeds; the upload cannot
+    with pytest.raises(SaveFailedError, match="step 2") as info:
+        if surfaces_on == "save":
+            while not handle.done():
+                pass
+            ck.save(3, {"w": torch.ones(3)})
+        elif surfaces_on == "wait":
+            ck.wait()
+        else:
+            ck.close()
+    assert "step-0000000002" in str(info.value)
+    ck.close()  # the error was raised once; closing again is clean
+    assert Checkpointer(root).steps() == [1]
+
+
+def test_bad_steps_and_state_dicts_get_clear_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with Checkpointer(tmp_path / "run") as ck:
+        with pytest.raises(CheckpointNotFoundError):
+            ck.load({"w": torch.zeros(3)})
+        with pytest.raises(ValueError, match="non-negative"):
+            ck.save(-1, {"w": torch.ones(3)})
+        ck.save(5, {"w": torch.ones(3)}).wait()
+        with pytest.raises(CheckpointExistsError, match="step-0000000005"):
+            ck.save(5, {"w": torch.ones(3)})
+        with pytest.raises(StateDictMismatchError, match="shape"):
+            ck.load({"w": torch.zeros(4)})
+        with pytest.raises(StateDictMismatchError, match="not in the checkpoint: v"):
+            ck.load({"w": torch.zeros(3), "v": torch.zeros(1)})
+        with pytest.raises(CheckpointNotFoundError):
+            ck.load({"w": torch.zeros(3)}, step=6)
+    with Checkpointer(tmp_path / "run") as again:  # a restarted job sees step 5 as taken
+        with pytest.raises(CheckpointExistsError):
+            again.save(5, {"w": torch.ones(3)})
+
+
+def test_staging_memory_is_reused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    state = {"a": torch.randn(256, 256), "b": [torch.randn(100)]}
+    with Checkpointer(tmp_path / "run") as ck:
+        sizes = []
+        for step in range(4):
+            ck.save(step, state)
+            sizes.append(ck.staging.nbytes)
+            state["a"].add_(1)
+        assert sizes == [sizes[0]] * 4 and sizes[0] == (256 * 256 + 100) * 4
+
+
+def test_snapshot_is_isolated_from_later_updates(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    w = torch.zeros(1 << 20)
+    with Checkpointer(tmp_path / "run") as ck:
+        ck.save(1, {"w": w})
+        w.add_(1)  # training goes on while the upload runs
+        ck.wait()
+        out = {"w": torch.full_like(w, 5.0)}
+        ck.load(out, step=1)
+    assert torch.equal(out["w"], torch.zeros(1 << 20))
+
+
+def test_dcp_async_save_with_pinned_stager(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    uri = str(tmp_path / "ckpt")
+    state = {"w": torch.randn(300, 7), "n": {"epoch": 3}}
+    stager = PinnedStager()
+    future = dcp.async_save(state, storage_writer=ShardWriter(uri), async_stager=stager)
+    state["w"].zero_()  # staged already: must not leak into the checkpoint
+    future.result()
+    stager.close()
+    out = {"w": torch.empty(300, 7), "n": {"epoch": 0}}
+    dcp.load(out, storage_reader=ShardReader(uri))
+    assert not torch.equal(out["w"], torch.zeros(300, 7)) and out["n"]["epoch"] == 3
+
+
+def test_runs_without_a_process_group() -> None:
+    assert not dist.is_initialized()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
