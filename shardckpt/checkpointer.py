@@ -25,12 +25,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
+from shardckpt.catalog import committed_steps, delete_checkpoint, step_name
 from shardckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     SaveFailedError,
     ShardckptError,
 )
+from shardckpt.gc import GcReport, collect_garbage
 from shardckpt.layout import Layout
 from shardckpt.reader import ShardReader, check_state_dict, read_manifest
 from shardckpt.staging import HostStaging
@@ -38,18 +40,6 @@ from shardckpt.store import open_store
 from shardckpt.writer import ShardWriter, _split_options
 
 logger = logging.getLogger(__name__)
-
-STEP_PREFIX = "step-"
-
-
-def step_name(step: int) -> str:
-    return f"{STEP_PREFIX}{step:010d}"
-
-
-def parse_step(name: str) -> int | None:
-    digits = name.removeprefix(STEP_PREFIX)
-    return int(digits) if name.startswith(STEP_PREFIX) and digits.isdigit() else None
-
 
 @dataclass
 class SaveStats:
@@ -123,7 +113,7 @@ class Checkpointer:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-save")
         self._planner = DefaultSavePlanner(enable_plan_caching=True)
         self._pending: SaveHandle | None = None
-        self._known_steps = set(self._committed_steps())
+        self._known_steps = set(self.steps())
         self.history: list[SaveStats] = []
         self._closed = False
 
@@ -186,22 +176,14 @@ class Checkpointer:
             pending.wait()
 
     # -- discovery --------------------------------------------------------------------------
-    def _committed_steps(self) -> list[int]:
-        names = self.store.list_prefixes("")
-        steps = [s for s in (parse_step(n) for n in names) if s is not None]
-        return [s for s in steps if self.store.head(Layout(step_name(s)).manifest_key) is not None]
-
     def steps(self) -> list[int]:
         """Committed steps, oldest first (checkpoints without a manifest are ignored)."""
-        return sorted(self._committed_steps())
+        return committed_steps(self.store)
 
     def latest(self) -> int | None:
         """The newest committed step, or None."""
-        names = self.store.list_prefixes("")
-        for step in sorted((s for s in (parse_step(n) for n in names) if s is not None), reverse=True):
-            if self.store.head(Layout(step_name(step)).manifest_key) is not None:
-                return step
-        return None
+        steps = self.steps()
+        return steps[-1] if steps else None
 
     # -- loading ----------------------------------------------------------------------------
     def load(self, state_dict: dict[str, Any], step: int | None = None) -> int:
@@ -237,6 +219,13 @@ class Checkpointer:
                 delete_checkpoint(self.store, Layout(step_name(step)))
         except Exception as exc:  # the checkpoint stays; gc can remove it later
             warnings.warn(f"shardckpt: retention could not delete old checkpoints: {exc}", stacklevel=1)
+
+    def gc(self, *, grace_s: float = 3600.0, dry_run: bool = False) -> GcReport | None:
+        """Collect garbage under the root (rank 0 only; other ranks return None): data of
+        failed saves older than ``grace_s``, unfinished uploads, checkpoints beyond keep_last."""
+        if self.rank != 0:
+            return None
+        return collect_garbage(self.store, grace_s=grace_s, keep_last=self.keep_last, dry_run=dry_run)
 
     # -- lifecycle --------------------------------------------------------------------------
     def close(self) -> None:
@@ -279,12 +268,6 @@ class Checkpointer:
                 sys.exit(128 + signum)
 
         signal.signal(signal.SIGTERM, handler)
-
-
-def delete_checkpoint(store: Any, layout: Layout) -> None:
-    """Delete one checkpoint: its manifest first (so it stops existing), then its data."""
-    store.delete([layout.manifest_key])
-    store.delete([o.key for o in store.list(layout.data_prefix)])
 
 
 def _dedicated_group(group: dist.ProcessGroup | None, timeout: float) -> dist.ProcessGroup | None:

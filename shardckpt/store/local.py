@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import uuid
 from collections.abc import Iterator, Sequence
 
@@ -103,6 +104,8 @@ class LocalStore:
             return None
         except OSError as exc:
             raise _translate(exc, self.uri(key)) from exc
+        if not stat.S_ISREG(st.st_mode):  # a directory is a prefix, not an object (as on S3)
+            return None
         return ObjectInfo(key, st.st_size, st.st_mtime)
 
     def _walk(self, prefix: str) -> Iterator[tuple[str, os.stat_result]]:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.handlers
 import urllib3.exceptions
 
 from shardckpt.errors import (
@@ -134,6 +135,11 @@ class BotoS3Store:
                 response_checksum_validation="when_required",
             ),
         )
+        # No "Expect: 100-continue" (botocore adds it to every S3 PUT): after any early final
+        # response to it (an empty body on Go servers such as rclone and MinIO, or an early
+        # 412/403), botocore mis-parses the next such response on that pooled connection,
+        # which stalls for read_timeout and then retries (boto/botocore#3755).
+        self._client.meta.events.unregister("before-call.s3", botocore.handlers.add_expect_header)
         self._parts_pool = ThreadPoolExecutor(config.max_concurrency, thread_name_prefix="shardckpt-part")
         self._lock = threading.Lock()
         self.retries = 0
@@ -171,16 +177,11 @@ class BotoS3Store:
         size = total_size(views)
         if size <= self.config.multipart_threshold or if_absent:
             extra = {"IfNoneMatch": "*"} if if_absent else {}
-            # An empty body goes as bytes: botocore sends "Expect: 100-continue" with every
-            # file-like body, and an empty one poisons the pooled connection against Go
-            # servers (rclone, MinIO): the next PUT on it stalls for read_timeout, then
-            # retries (boto/botocore#3755).
-            body = BufferChain(views) if size else b""
             self._call(
                 "PUT",
                 self.uri(key),
                 lambda: self._client.put_object(
-                    Bucket=self.bucket, Key=self._key(key), Body=body, ContentLength=size, **extra
+                    Bucket=self.bucket, Key=self._key(key), Body=BufferChain(views), ContentLength=size, **extra
                 ),
             )
             return
