@@ -82,6 +82,10 @@ class Checkpointer:
     Checkpointer at the same point. ``when_busy``: what ``save`` does while the previous
     save is still uploading: ``"wait"`` (default) or ``"skip"`` (with a warning).
     ``collective_timeout``: seconds a background collective may wait for a peer.
+    ``overlap``: let the device-to-host copy run on while the next forward/backward runs;
+    the optimizer(s) given to :meth:`attach` wait for it before their next ``step``. Safe
+    when nothing but those optimizers modifies the saved tensors in between (not, e.g.,
+    BatchNorm running statistics updated by forward, or manual in-place edits of weights).
     Other options go to :class:`~shardckpt.writer.WriterOptions` (``object_size``,
     ``num_threads``, ``fanout``) and the store (``endpoint``, ``region``, ...).
     """
@@ -95,6 +99,7 @@ class Checkpointer:
         when_busy: str = "wait",
         collective_timeout: float = 1800.0,
         trusted: bool = False,
+        overlap: bool = False,
         **options: Any,
     ) -> None:
         if keep_last is not None and keep_last < 1:
@@ -105,6 +110,9 @@ class Checkpointer:
         self.keep_last = keep_last
         self.when_busy = when_busy
         self.trusted = trusted
+        self.overlap = overlap
+        self._hooks: list[Any] = []
+        self._snapshot_wait: Callable[[], None] | None = None
         self.writer_options, store_options = _split_options(options)
         self.store = open_store(self.root_uri, **store_options)
         self._group = _dedicated_group(process_group, collective_timeout)
@@ -136,14 +144,33 @@ class Checkpointer:
                 return SaveHandle(step, None, SaveStats(step, 0.0, 0))
             self.wait()
         started = time.perf_counter()
-        staged = self.staging.snapshot(state_dict)
+        if self.overlap:
+            if not self._hooks:
+                raise RuntimeError("overlap=True needs the optimizer: call checkpointer.attach(optimizer) first")
+            staged, copied = self.staging.snapshot_async(state_dict)
+            self._snapshot_wait = copied
+        else:
+            staged, copied = self.staging.snapshot(state_dict), _nothing
         stats = SaveStats(step, time.perf_counter() - started, self.staging.nbytes)
         self._known_steps.add(step)
-        future = self._executor.submit(self._upload, step, staged, stats, started)
+        future = self._executor.submit(self._upload, step, staged, copied, stats, started)
         self._pending = SaveHandle(step, future, stats)
         return self._pending
 
-    def _upload(self, step: int, staged: dict[str, Any], stats: SaveStats, started: float) -> None:
+    def attach(self, optimizer: Any) -> None:
+        """In overlap mode, make ``optimizer.step`` wait until the snapshot is copied."""
+        self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self.wait_snapshot()))
+
+    def wait_snapshot(self) -> None:
+        """Block until the last save's snapshot is complete (a no-op without overlap)."""
+        if self._snapshot_wait is not None:
+            wait, self._snapshot_wait = self._snapshot_wait, None
+            wait()
+
+    def _upload(
+        self, step: int, staged: dict[str, Any], copied: Callable[[], None], stats: SaveStats, started: float
+    ) -> None:
+        copied()
         layout = Layout(step_name(step), self.writer_options.fanout)
         writer = ShardWriter._for_checkpoint(
             self.store, layout, self.store.uri(step_name(step)), {"step": step}, self.writer_options
@@ -236,6 +263,8 @@ class Checkpointer:
             self.wait()
         finally:
             self._closed = True
+            for hook in self._hooks:
+                hook.remove()
             self._executor.shutdown(wait=True)
             self.staging.close()
             self.store.close()
@@ -268,6 +297,10 @@ class Checkpointer:
                 sys.exit(128 + signum)
 
         signal.signal(signal.SIGTERM, handler)
+
+
+def _nothing() -> None:
+    return None
 
 
 def _dedicated_group(group: dist.ProcessGroup | None, timeout: float) -> dist.ProcessGroup | None:

@@ -9,11 +9,11 @@ by one copy of the state and never grows across saves.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ class HostStaging:
         self._buffers: dict[Path, torch.Tensor] = {}
         self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self._lock = threading.Lock()
+        self._copier = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-stage")
 
     @property
     def nbytes(self) -> int:
@@ -46,53 +47,81 @@ class HostStaging:
     def snapshot(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """A copy of ``state_dict`` whose tensors live in host buffers; returns once every
         copy is complete, so training may then modify ``state_dict`` freely."""
-        staged, wait = self.snapshot_async(state_dict)
+        staged, wait = self.snapshot_async(state_dict, defer_cpu=False)
         wait()
         return staged
 
-    def snapshot_async(self, state_dict: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], None]]:
-        """Start the copies; return the staged state and a function that blocks until the
-        copies are complete (for overlapping the device-to-host copy with compute)."""
+    def snapshot_async(
+        self, state_dict: dict[str, Any], *, defer_cpu: bool = True
+    ) -> tuple[dict[str, Any], Callable[[], None]]:
+        """Start the copies; return the staged state and a function that blocks until every
+        copy is complete. GPU tensors are copied on a side CUDA stream; CPU tensors on a
+        background thread (``defer_cpu``) or before returning. Until the wait function has
+        returned, ``state_dict`` must not be modified (see the Checkpointer's overlap mode)."""
         with self._lock:
             seen: set[Path] = set()
-            event = None
-            if self._stream is not None:
-                # The side stream must see every kernel already queued on the compute stream.
-                self._stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
-                staged = self._copy_tree(state_dict, (), seen)
-                if self._stream is not None:
-                    event = torch.cuda.Event()
-                    event.record(self._stream)
+            copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+            staged = self._stage_tree(state_dict, (), seen, copies)
             for path in set(self._buffers) - seen:  # state shrank: free what it no longer needs
                 del self._buffers[path]
-        logger.debug("staged %d tensors, %d bytes of host buffers", len(seen), self.nbytes)
-        return staged, (event.synchronize if event is not None else _no_wait)
+            device_copies = [(b, t) for b, t in copies if t.device.type != "cpu"]
+            host_copies = [(b, t) for b, t in copies if t.device.type == "cpu"]
+            event = self._copy_on_side_stream(device_copies) if device_copies else None
+            if defer_cpu and host_copies:
+                done = self._copier.submit(_copy_all, host_copies)
+            else:
+                _copy_all(host_copies)
+                done = None
+        logger.debug("staging %d tensors into %d bytes of host buffers", len(seen), self.nbytes)
 
-    def _copy_tree(self, value: Any, path: Path, seen: set[Path]) -> Any:
+        def wait() -> None:
+            if done is not None:
+                done.result()
+            if event is not None:
+                event.synchronize()
+
+        return staged, wait
+
+    def _copy_on_side_stream(self, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+        stream = self._stream
+        assert stream is not None, "GPU tensors without CUDA"
+        # The side stream must see every kernel already queued on the compute stream.
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for buffer, tensor in copies:
+                buffer.copy_(tensor, non_blocking=True)
+                tensor.record_stream(stream)  # the allocator must not reuse it mid-copy
+            event = torch.cuda.Event()
+            event.record(stream)
+        return event
+
+    def _stage_tree(self, value: Any, path: Path, seen: set[Path], copies: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
         if isinstance(value, DTensor):
-            local = self._copy_tensor(value.to_local(), path, seen)
+            local = self._stage_tensor(value.to_local(), path, seen, copies)
             return DTensor(local, value._spec, requires_grad=False)
         if isinstance(value, torch.Tensor):
-            return self._copy_tensor(value, path, seen)
+            return self._stage_tensor(value, path, seen, copies)
         if isinstance(value, dict):
-            return {k: self._copy_tree(v, (*path, k), seen) for k, v in value.items()}
+            return {k: self._stage_tree(v, (*path, k), seen, copies) for k, v in value.items()}
         if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
-            return type(value)(self._copy_tree(v, (*path, i), seen) for i, v in enumerate(value))
+            return type(value)(self._stage_tree(v, (*path, i), seen, copies) for i, v in enumerate(value))
         return copy.deepcopy(value)  # non-tensor values may be mutated by training later
 
-    def _copy_tensor(self, tensor: torch.Tensor, path: Path, seen: set[Path]) -> torch.Tensor:
+    def _stage_tensor(
+        self, tensor: torch.Tensor, path: Path, seen: set[Path], copies: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
         seen.add(path)
         buffer = self._buffers.get(path)
         if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
             pin = self.pin_memory and tensor.device.type == "cuda"
             buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
             self._buffers[path] = buffer
-        buffer.copy_(tensor.detach(), non_blocking=tensor.device.type == "cuda")
+        copies.append((buffer, tensor.detach()))
         return buffer
 
     def close(self) -> None:
         with self._lock:
+            self._copier.shutdown(wait=True)
             self._buffers.clear()
 
 
@@ -119,5 +148,6 @@ class PinnedStager(AsyncStager):
         self.staging.close()
 
 
-def _no_wait() -> None:
-    return None
+def _copy_all(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for buffer, tensor in copies:
+        buffer.copy_(tensor)

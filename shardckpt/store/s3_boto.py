@@ -315,7 +315,9 @@ class BotoS3Store:
             errors = [e for e in reply.get("Errors", []) if e.get("Code") != "NoSuchKey"]
             if errors:
                 first = errors[0]
-                raise StoreError(
+                # DeleteObjects reports per-key failures in a 200 reply, denials included.
+                error_class = AccessDeniedError if first.get("Code") in _DENIED else StoreError
+                raise error_class(
                     f"could not delete {len(errors)} objects, first s3://{self.bucket}/{first['Key']}: "
                     f"{first.get('Code')} {first.get('Message', '')}",
                     self.uri(keys[i]),

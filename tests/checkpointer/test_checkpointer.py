@@ -184,3 +184,23 @@ def test_dcp_async_save_with_pinned_stager(tmp_path) -> None:  # type: ignore[no
 def test_runs_without_a_process_group() -> None:
     assert not dist.is_initialized()
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
+
+
+def test_overlap_mode_blocks_only_the_next_optimizer_step(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(512, 512)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    with Checkpointer(tmp_path / "run", overlap=True) as ck:
+        with pytest.raises(RuntimeError, match="attach"):
+            ck.save(0, {"model": model.state_dict()})
+        ck.attach(opt)
+        ck.save(1, {"model": model.state_dict()})
+        model(torch.randn(8, 512)).sum().backward()  # overlaps with the copy
+        opt.step()  # waits for the snapshot, then changes the weights
+        ck.wait()
+        out = {"model": {k: torch.zeros_like(v) for k, v in expected.items()}}
+        ck.load(out, step=1)
+    for k, v in expected.items():
+        assert torch.equal(out["model"][k], v), k
+        assert not torch.equal(model.state_dict()[k], v), "the step did run"
