@@ -67,7 +67,7 @@ def _collect_unreferenced(store: ObjectStore, entry: CheckpointEntry, cutoff: fl
     layout = entry.layout
     referenced = {layout.manifest_key}
     if entry.committed:
-        referenced |= {o.key for o in read_manifest(store, layout).objects}
+        referenced |= {layout.resolve(o.key) for o in read_manifest(store, layout).objects}
     # Step checkpoints nested under a root checkpoint are entries of their own.
     nested = layout.prefix == "" and entry.step is None
     garbage = [

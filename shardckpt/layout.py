@@ -50,14 +50,19 @@ class Layout:
         """Prefix under which all data of this checkpoint lives (for listing and gc)."""
         return f"{self.prefix}/" if self.prefix else ""
 
-    def data_key(self, attempt: str, rank: int, seq: int) -> str:
+    def data_name(self, attempt: str, rank: int, seq: int) -> str:
+        """A data object's name relative to the checkpoint (what the manifest records, so a
+        checkpoint stays valid wherever it is read or copied from)."""
         name = f"{attempt}/rank{rank}-{seq:06d}"
         if self.fanout:
             digest = hashlib.blake2b(name.encode(), digest_size=4).digest()
             name = f"{int.from_bytes(digest, 'big') % self.fanout:03x}/{name}"
-        return self.key(name)
+        return name
 
-    def is_under(self, key: str) -> bool:
-        """Whether ``key`` belongs to this checkpoint (guards keys read from a manifest)."""
-        parts = key.split("/")
-        return key.startswith(self.data_prefix) and not any(p in ("", ".", "..") for p in parts)
+    def resolve(self, name: str) -> str:
+        """The store key of ``name`` from a manifest, refusing names that could leave the
+        checkpoint (absolute, empty, '.' or '..' segments) or shadow its manifest."""
+        parts = name.split("/")
+        if not name or any(p in ("", ".", "..") for p in parts) or name == MANIFEST_NAME or "\\" in name:
+            raise ValueError(f"object name {name!r} is not inside the checkpoint")
+        return self.key(name)

@@ -60,8 +60,10 @@ def read_manifest(store: ObjectStore, layout: Layout) -> Manifest:
         raise CheckpointNotFoundError(f"no checkpoint at {store.uri(layout.prefix)}") from None
     manifest = Manifest.from_json(data, store.uri(key))
     for obj in manifest.objects:
-        if not layout.is_under(obj.key) or obj.key == key:
-            raise ManifestError(f"{store.uri(key)} names object {obj.key!r}, outside its checkpoint")
+        try:
+            layout.resolve(obj.key)
+        except ValueError:
+            raise ManifestError(f"{store.uri(key)} names object {obj.key!r}, outside its checkpoint") from None
     return manifest
 
 
@@ -184,14 +186,14 @@ class ShardReader(StorageReader):
             stream: StreamRecord = self.manifest.streams[dest.location.rank]
             dest.pieces = stream.pieces(dest.location.offset, dest.location.length)
             for obj, start, length, at in dest.pieces:
-                per_object[obj.key].append((start, dest.buffer[at : at + length]))
+                per_object[self._layout.resolve(obj.key)].append((start, dest.buffer[at : at + length]))
         requests = [r for key, ranges in per_object.items() for r in _coalesce(key, ranges)]
         with ThreadPoolExecutor(self.num_threads, thread_name_prefix="shardckpt-read") as pool:
             list(pool.map(lambda r: self.store.get_into(*r), requests))
             checksums = list(pool.map(lambda d: crc32c(d.buffer), destinations))
         for dest, checksum in zip(destinations, checksums, strict=True):
             if checksum != dest.location.crc32c:
-                where = ", ".join(f"{self.store.uri(o.key)} bytes {s}-{s + n - 1}" for o, s, n, _ in dest.pieces)
+                where = ", ".join(f"{self.store.uri(self._layout.resolve(o.key))} bytes {s}-{s + n - 1}" for o, s, n, _ in dest.pieces)
                 raise ChecksumMismatchError(
                     f"CRC32C mismatch for {dest.item.storage_index.fqn} ({where}): "
                     f"expected {dest.location.crc32c:#010x}, read {checksum:#010x}; the object is corrupt"

@@ -36,9 +36,10 @@ def verify_checkpoint(store: ObjectStore, layout: Layout, *, num_threads: int = 
     report = VerifyReport(len(manifest.objects), manifest.total_bytes)
 
     def check(obj: ObjectRecord) -> tuple[str, str | None]:
-        uri = store.uri(obj.key)
+        key = layout.resolve(obj.key)
+        uri = store.uri(key)
         try:
-            info = store.head(obj.key)
+            info = store.head(key)
             if info is None:
                 return uri, "missing"
             if info.size != obj.size:
@@ -46,7 +47,7 @@ def verify_checkpoint(store: ObjectStore, layout: Layout, *, num_threads: int = 
             checksum = 0
             for start in range(0, obj.size, _READ_CHUNK):
                 chunk = empty_bytes(min(_READ_CHUNK, obj.size - start))
-                store.get_into(obj.key, start, [chunk])
+                store.get_into(key, start, [chunk])
                 checksum = crc32c(chunk, checksum)
             if checksum != obj.crc32c:
                 return uri, f"CRC32C {checksum:#010x}, manifest says {obj.crc32c:#010x}"

@@ -185,15 +185,15 @@ class ShardWriter(StorageWriter):
             total += len(view)
         views = [v for _, v in buffers]
         count = -(-total // object_size)
-        keys = [self._layout.data_key(self.attempt, self.rank, i) for i in range(count)]
+        names = [self._layout.data_name(self.attempt, self.rank, i) for i in range(count)]
         started = time.perf_counter()
         with ThreadPoolExecutor(self.options.num_threads, thread_name_prefix="shardckpt-upload") as pool:
 
             def upload(index: int) -> ObjectRecord:
                 segments = slice_views(views, index * object_size, min(object_size, total - index * object_size), offsets)
                 checksum = crc32c(segments)
-                self.store.put(keys[index], segments)
-                return ObjectRecord(keys[index], sum(len(s) for s in segments), checksum)
+                self.store.put(self._layout.key(names[index]), segments)
+                return ObjectRecord(names[index], sum(len(s) for s in segments), checksum)
 
             uploads = [pool.submit(upload, i) for i in range(count)]
             checksums = list(pool.map(crc32c, views))

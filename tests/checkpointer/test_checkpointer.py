@@ -204,3 +204,13 @@ def test_overlap_mode_blocks_only_the_next_optimizer_step(tmp_path) -> None:  # 
     for k, v in expected.items():
         assert torch.equal(out["model"][k], v), k
         assert not torch.equal(model.state_dict()[k], v), "the step did run"
+
+
+def test_checkpointer_checkpoint_reads_with_plain_dcp(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Manifests name objects relative to their checkpoint, so a step written through the
+    Checkpointer's root store loads from its own URI (or a copy elsewhere)."""
+    with Checkpointer(tmp_path / "run") as ck:
+        ck.save(3, {"w": torch.arange(10.0)}).wait()
+    out = {"w": torch.zeros(10)}
+    dcp.load(out, storage_reader=ShardReader(str(tmp_path / "run" / "step-0000000003")))
+    assert torch.equal(out["w"], torch.arange(10.0))
