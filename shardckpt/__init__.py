@@ -23,6 +23,7 @@ from shardckpt.errors import (
     StoreError,
 )
 from shardckpt.reader import ShardReader
+from shardckpt.single import load, save
 from shardckpt.staging import PinnedStager
 from shardckpt.writer import ShardWriter
 
@@ -49,4 +50,6 @@ __all__ = [
     "Checkpointer",
     "SaveHandle",
     "PinnedStager",
+    "load",
+    "save",
 ]

@@ -1,0 +1,303 @@
+"""The ``shardckpt`` command: list, inspect, verify, clean up, export and copy checkpoints.
+
+Exit codes: 0 success; 1 a failure (the message names the URI and cause), or ``verify``
+found damage; 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from shardckpt.catalog import committed_steps, find_checkpoints, step_name
+from shardckpt.errors import CheckpointNotFoundError, ObjectExistsError, ShardckptError
+from shardckpt.gc import collect_garbage
+from shardckpt.layout import Layout
+from shardckpt.reader import read_manifest
+from shardckpt.single import load as load_single
+from shardckpt.store import ObjectStore, open_store
+from shardckpt.verify import verify_checkpoint
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _age(seconds: float) -> str:
+    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= span:
+            return f"{seconds / span:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _duration(text: str) -> float:
+    """'90', '90s', '15m', '1h', '2d' -> seconds."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 30m, 1h, 2d)")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+class _Progress:
+    """A one-line progress bar on stderr, shown only on a terminal."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label, self.done = total, label, 0
+        self.enabled = sys.stderr.isatty() and total > 0
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        if self.enabled:
+            width = 30
+            filled = int(width * self.done / self.total)
+            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}")
+            if self.done >= self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _store(args: argparse.Namespace, uri: str) -> ObjectStore:
+    options = {k: getattr(args, k) for k in ("endpoint", "region", "profile", "transport") if getattr(args, k)}
+    return open_store(uri, **options)
+
+
+def _checkpoint_layout(store: ObjectStore, step: int | None) -> Layout:
+    """The checkpoint a command works on: the URI itself, or one of its steps (latest by default)."""
+    if step is None and store.head(Layout().manifest_key) is not None:
+        return Layout()
+    steps = committed_steps(store)
+    if step is None:
+        if not steps:
+            read_manifest(store, Layout())  # raises the precise error: not found or incomplete
+            raise CheckpointNotFoundError(f"no committed checkpoint at {store.uri()}")
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointNotFoundError(f"no committed checkpoint for step {step} under {store.uri()}")
+    return Layout(step_name(step))
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    store = _store(args, args.uri)
+    now = time.time()
+    rows = []
+    for entry in find_checkpoints(store):
+        if not entry.committed and not args.all:
+            continue
+        objects = list(store.list(entry.layout.data_prefix))
+        if entry.prefix == "":
+            objects = [o for o in objects if not o.key.startswith("step-")]
+        newest = max((o.mtime for o in objects), default=now)
+        world = read_manifest(store, entry.layout).world_size if entry.committed else "-"
+        rows.append(
+            {
+                "uri": store.uri(entry.prefix),
+                "step": entry.step,
+                "status": "committed" if entry.committed else "incomplete",
+                "bytes": sum(o.size for o in objects),
+                "objects": len(objects),
+                "world_size": world,
+                "age_s": round(now - newest, 1),
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'STEP':>10}  {'STATUS':<10}  {'SIZE':>10}  {'OBJECTS':>7}  {'WORLD':>5}  {'AGE':>5}  URI")
+    for r in rows:
+        step = "-" if r["step"] is None else r["step"]
+        print(f"{step:>10}  {r['status']:<10}  {_size(r['bytes']):>10}  {r['objects']:>7}  {r['world_size']:>5}  {_age(r['age_s']):>5}  {r['uri']}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    store = _store(args, args.uri)
+    layout = _checkpoint_layout(store, args.step)
+    manifest = read_manifest(store, layout)
+    md = manifest.metadata
+    created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(manifest.created))
+    print(f"checkpoint {store.uri(layout.prefix)}")
+    print(f"  format v{manifest.version}, world size {manifest.world_size}, created {created}, {_size(manifest.total_bytes)} in {len(manifest.objects)} objects")
+    if manifest.attributes:
+        print(f"  attributes {json.dumps(manifest.attributes)}")
+    print(f"{'KEY':<50} {'DTYPE':<10} {'SHAPE':<20} {'CHUNKS':>6}")
+    for fqn, item in sorted(md.state_dict_metadata.items()):
+        if isinstance(item, TensorStorageMetadata):
+            dtype = str(item.properties.dtype).removeprefix("torch.")
+            print(f"{fqn:<50} {dtype:<10} {str(list(item.size)):<20} {len(item.chunks):>6}")
+        else:
+            print(f"{fqn:<50} {'object':<10} {'-':<20} {1:>6}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    store = _store(args, args.uri)
+    layout = _checkpoint_layout(store, args.step)
+    report = verify_checkpoint(store, layout, num_threads=args.threads)
+    for uri, problem in sorted(report.problems.items()):
+        print(f"DAMAGED {uri}: {problem}")
+    status = "OK" if report.ok else f"{len(report.problems)} of {report.objects} objects damaged"
+    print(f"{store.uri(layout.prefix)}: {report.objects} objects, {_size(report.bytes)}: {status}")
+    return 0 if report.ok else 1
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    store = _store(args, args.uri)
+    report = collect_garbage(store, grace_s=args.grace, keep_last=args.keep_last, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    for uri in report.retired_checkpoints:
+        print(f"{verb} checkpoint {uri}")
+    for uri in report.garbage_objects:
+        print(f"{verb} {uri}")
+    for uri in report.aborted_uploads:
+        print(f"{'would abort' if args.dry_run else 'aborted'} upload {uri}")
+    print(
+        f"{verb}: {len(report.retired_checkpoints)} checkpoints, {len(report.garbage_objects)} unreferenced objects "
+        f"({_size(report.garbage_bytes)}), {len(report.aborted_uploads)} unfinished uploads"
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    store = _store(args, args.uri)
+    layout = _checkpoint_layout(store, args.step)
+    options = {k: getattr(args, k) for k in ("endpoint", "region", "profile", "transport") if getattr(args, k)}
+    state = load_single(store.uri(layout.prefix), trusted=args.trusted, **options)
+    if args.out.endswith(".safetensors"):
+        try:
+            from safetensors.torch import save_file
+        except ImportError:
+            raise ShardckptError("writing .safetensors needs the safetensors package: pip install safetensors") from None
+        flat = _flat_tensors(state)
+        save_file({k: v.contiguous() for k, v in flat.items()}, args.out)
+        print(f"wrote {len(flat)} tensors to {args.out}")
+    else:
+        torch.save(state, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _flat_tensors(value: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return {prefix.rstrip("."): value}
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out.update(_flat_tensors(v, f"{prefix}{k}."))
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            out.update(_flat_tensors(v, f"{prefix}{i}."))
+    return out  # non-tensor values have no place in safetensors
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    src, dst = _store(args, args.src), _store(args, args.dst)
+    entries = [e for e in find_checkpoints(src) if e.committed]
+    if not entries:
+        read_manifest(src, Layout())  # the precise error
+    for entry in entries:
+        layout = entry.layout
+        manifest_key = layout.manifest_key
+        manifest_bytes = src.get(manifest_key)
+        manifest = read_manifest(src, layout)
+        progress = _Progress(len(manifest.objects), f"cp {src.uri(layout.prefix)}")
+
+        def copy(name: str, layout: Layout = layout, progress: _Progress = progress) -> None:
+            key = layout.resolve(name)
+            dst.put(key, [src.get(key)])
+            progress.step()
+
+        with ThreadPoolExecutor(args.threads) as pool:
+            list(pool.map(copy, [o.key for o in manifest.objects]))
+        try:  # the manifest last: the copy exists only once all its data does
+            dst.put(manifest_key, [manifest_bytes], if_absent=not args.overwrite)
+        except ObjectExistsError:
+            raise ShardckptError(f"{dst.uri(manifest_key)} already exists; pass --overwrite to replace it") from None
+        print(f"copied {src.uri(layout.prefix)} -> {dst.uri(layout.prefix)} ({_size(manifest.total_bytes)})")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from benchmarks.__main__ import main as bench_main
+    except ImportError:
+        raise ShardckptError("the benchmark harness lives in the source checkout: run `shardckpt bench` from its root") from None
+    return int(bench_main(args.bench_args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardckpt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS)")
+    common.add_argument("--region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION / us-east-1)")
+    common.add_argument("--profile", help="AWS credentials profile")
+    common.add_argument("--transport", choices=["boto3", "crt"], help="S3 client for data (default: boto3)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ls", parents=[common], help="list checkpoints under a URI")
+    p.add_argument("uri")
+    p.add_argument("--all", action="store_true", help="also show incomplete (uncommitted) checkpoints")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_ls)
+
+    for name, func, text in (
+        ("inspect", cmd_inspect, "show a checkpoint's keys, shapes, dtypes and sharding"),
+        ("verify", cmd_verify, "re-read every object and check sizes and CRC32Cs"),
+    ):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("uri", help="a checkpoint, or a Checkpointer root (latest step by default)")
+        p.add_argument("--step", type=int, help="which step under a Checkpointer root")
+        p.add_argument("--threads", type=int, default=8, help="parallel reads (verify)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("gc", parents=[common], help="delete unreferenced data, stale uploads, old checkpoints")
+    p.add_argument("uri")
+    p.add_argument("--keep-last", type=int, help="also delete all but the newest N committed steps")
+    p.add_argument("--grace", type=_duration, default=3600.0, help="leave data younger than this (default 1h: saves in progress)")
+    p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("export", parents=[common], help="consolidate a checkpoint into one torch.save or .safetensors file")
+    p.add_argument("uri")
+    p.add_argument("out", help="output file; .safetensors for safetensors, anything else for torch.save")
+    p.add_argument("--step", type=int)
+    p.add_argument("--trusted", action="store_true", help="allow full unpickling of non-tensor values")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("cp", parents=[common], help="copy committed checkpoints (data first, manifest last)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_cp)
+
+    p = sub.add_parser("bench", help="run the benchmark harness (from a source checkout)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for python -m benchmarks")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ShardckptError as exc:
+        print(f"shardckpt: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

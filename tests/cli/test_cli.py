@@ -1,0 +1,112 @@
+"""Every CLI command against a real S3 server (moto) and the local store."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import shardckpt
+from shardckpt import Checkpointer
+from shardckpt.cli import main
+from shardckpt.store import open_store
+from tests.conftest import Target, make_target
+
+
+@pytest.fixture(params=["local", "moto-boto3"])
+def root(request: pytest.FixtureRequest, tmp_path) -> Target:  # type: ignore[no-untyped-def]
+    target = make_target(request.param, request, tmp_path)
+    with Checkpointer(target.uri, **target.options) as ck:
+        for step in (10, 20, 30):
+            ck.save(step, {"w": torch.full((256, 4), float(step)), "meta": {"step": step}})
+    return target
+
+
+def _args(target: Target) -> list[str]:
+    endpoint = target.options.get("endpoint")
+    return ["--endpoint", str(endpoint)] if endpoint else []
+
+
+def test_ls_lists_committed_and_with_all_the_incomplete(root: Target, capsys: pytest.CaptureFixture[str]) -> None:
+    open_store(root.uri, **root.options).put("step-0000000040/attempt-x/rank0-000000", [b"partial"])
+    assert main(["ls", root.uri, "--json", *_args(root)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["step"] for r in rows] == [10, 20, 30] and {r["status"] for r in rows} == {"committed"}
+    assert all(r["world_size"] == 1 and r["objects"] == 2 for r in rows)
+    assert main(["ls", root.uri, "--all", *_args(root)]) == 0
+    out = capsys.readouterr().out
+    assert "incomplete" in out and "step-0000000040" in out
+
+
+def test_inspect_shows_keys_shapes_dtypes(root: Target, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", root.uri, "--step", "20", *_args(root)]) == 0
+    out = capsys.readouterr().out
+    assert "step-0000000020" in out and "float32" in out and "[256, 4]" in out and "meta.step" in out
+
+
+def test_verify_passes_then_finds_a_flipped_byte(root: Target, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["verify", root.uri, *_args(root)]) == 0
+    assert "OK" in capsys.readouterr().out
+    store = open_store(root.uri, **root.options)
+    key = next(o.key for o in store.list("step-0000000030/") if "rank0" in o.key)
+    data = bytearray(store.get(key))
+    data[100] ^= 0xFF
+    store.put(key, [bytes(data)])
+    assert main(["verify", root.uri, *_args(root)]) == 1
+    assert f"DAMAGED {store.uri(key)}" in capsys.readouterr().out
+
+
+def test_gc_dry_run_then_keep_last(root: Target, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["gc", root.uri, "--keep-last", "1", "--dry-run", *_args(root)]) == 0
+    assert "would delete checkpoint" in capsys.readouterr().out
+    assert Checkpointer(root.uri, **root.options).steps() == [10, 20, 30]
+    assert main(["gc", root.uri, "--keep-last", "1", "--grace", "0s", *_args(root)]) == 0
+    assert Checkpointer(root.uri, **root.options).steps() == [30]
+
+
+def test_export_to_torch_save_and_safetensors(root: Target, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    out = str(tmp_path / "model.pt")
+    assert main(["export", root.uri, out, *_args(root)]) == 0
+    state = torch.load(out, weights_only=True)
+    assert torch.equal(state["w"], torch.full((256, 4), 30.0)) and state["meta"] == {"step": 30}
+    pytest.importorskip("safetensors")
+    from safetensors.torch import load_file
+
+    st = str(tmp_path / "model.safetensors")
+    assert main(["export", root.uri, st, "--step", "10", *_args(root)]) == 0
+    assert torch.equal(load_file(st)["w"], torch.full((256, 4), 10.0))
+
+
+def test_cp_copies_committed_checkpoints_manifest_last(root: Target, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    dst = str(tmp_path / "copy")
+    assert main(["cp", root.uri, dst, *_args(root)]) == 0
+    with Checkpointer(dst) as ck:
+        assert ck.steps() == [10, 20, 30]
+        out = {"w": torch.zeros(256, 4), "meta": {"step": 0}}
+        ck.load(out, step=20)
+        assert torch.equal(out["w"], torch.full((256, 4), 20.0))
+    assert main(["cp", root.uri, dst, *_args(root)]) == 1  # exists: refused
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_errors_exit_1_with_the_uri(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    missing = str(tmp_path / "nothing")
+    assert main(["inspect", missing]) == 1
+    assert missing in capsys.readouterr().err
+    assert main(["ls", "gs://bucket/x"]) == 1
+    assert "unknown URI scheme" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["gc", missing, "--grace", "soon"])
+    assert info.value.code == 2
+
+
+def test_single_file_api_roundtrip(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    obj = {"model": {"w": torch.randn(5, 5)}, "epoch": 4}
+    shardckpt.save(obj, tmp_path / "a")
+    back = shardckpt.load(tmp_path / "a", map_location="cpu")
+    assert torch.equal(back["model"]["w"], obj["model"]["w"]) and back["epoch"] == 4
+    shardckpt.save(torch.arange(7), str(tmp_path / "b"))
+    assert torch.equal(shardckpt.load(str(tmp_path / "b")), torch.arange(7))
+    assert os.path.exists(tmp_path / "b" / "manifest.json")
