@@ -8,6 +8,7 @@ save is in flight, so the collectives of consecutive saves never interleave.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -16,7 +17,7 @@ import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -43,12 +44,54 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SaveStats:
-    """Figures of one save: seconds the caller was blocked, seconds until committed, bytes."""
+    """Figures of one save on this rank. Seconds: ``blocked_s`` (the training step was
+    blocked), ``snapshot_s`` (until the host copy was complete; equals ``blocked_s`` unless
+    overlapping), ``upload_s`` (upload and commit), ``total_s`` (save call to committed).
+    ``bytes`` and ``objects`` this rank wrote; ``requests``, ``retries`` and ``throttled``
+    (503 SlowDown replies) this save cost the store, retention included."""
 
     step: int
+    rank: int
     blocked_s: float
-    staged_bytes: int
-    total_s: float | None = None
+    bytes: int
+    snapshot_s: float = 0.0
+    upload_s: float = 0.0
+    total_s: float = 0.0
+    objects: int = 0
+    requests: int = 0
+    retries: int = 0
+    throttled: int = 0
+
+    @property
+    def snapshot_gbps(self) -> float:
+        return self.bytes / self.snapshot_s / 1e9 if self.snapshot_s else 0.0
+
+    @property
+    def upload_gbps(self) -> float:
+        return self.bytes / self.upload_s / 1e9 if self.upload_s else 0.0
+
+
+@dataclass
+class LoadStats:
+    """Figures of one load on this rank: seconds, bytes read, store requests and retries."""
+
+    step: int
+    rank: int
+    seconds: float
+    bytes: int
+    requests: int
+    retries: int
+    throttled: int
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds else 0.0
+
+
+def _log_stats(kind: str, stats: SaveStats | LoadStats) -> None:
+    figures = asdict(stats)
+    figures.update({k: round(getattr(stats, k), 3) for k in ("snapshot_gbps", "upload_gbps", "gbps") if hasattr(stats, k)})
+    logger.info("shardckpt %s %s", kind, json.dumps(figures, sort_keys=True))
 
 
 class SaveHandle:
@@ -82,6 +125,9 @@ class Checkpointer:
     Checkpointer at the same point. ``when_busy``: what ``save`` does while the previous
     save is still uploading: ``"wait"`` (default) or ``"skip"`` (with a warning).
     ``collective_timeout``: seconds a background collective may wait for a peer.
+    ``on_stats``: called with a :class:`SaveStats` after each commit (from the background
+    thread) and a :class:`LoadStats` after each load, e.g. to log to TensorBoard or W&B;
+    each is also logged as one JSON line at INFO.
     ``overlap``: let the device-to-host copy run on while the next forward/backward runs;
     the optimizer(s) given to :meth:`attach` wait for it before their next ``step``. Safe
     when nothing but those optimizers modifies the saved tensors in between (not, e.g.,
@@ -100,6 +146,7 @@ class Checkpointer:
         collective_timeout: float = 1800.0,
         trusted: bool = False,
         overlap: bool = False,
+        on_stats: Callable[[SaveStats | LoadStats], None] | None = None,
         **options: Any,
     ) -> None:
         if keep_last is not None and keep_last < 1:
@@ -111,6 +158,7 @@ class Checkpointer:
         self.when_busy = when_busy
         self.trusted = trusted
         self.overlap = overlap
+        self.on_stats = on_stats
         self._hooks: list[Any] = []
         self._snapshot_wait: Callable[[], None] | None = None
         self.writer_options, store_options = _split_options(options)
@@ -141,7 +189,7 @@ class Checkpointer:
         if self._pending is not None and not self._pending.done():
             if self.when_busy == "skip":
                 warnings.warn(f"shardckpt: skipping save of step {step}: step {self._pending.step} is still uploading", stacklevel=2)
-                return SaveHandle(step, None, SaveStats(step, 0.0, 0))
+                return SaveHandle(step, None, SaveStats(step, self.rank, 0.0, 0))
             self.wait()
         started = time.perf_counter()
         if self.overlap:
@@ -151,7 +199,8 @@ class Checkpointer:
             self._snapshot_wait = copied
         else:
             staged, copied = self.staging.snapshot(state_dict), _nothing
-        stats = SaveStats(step, time.perf_counter() - started, self.staging.nbytes)
+        blocked = time.perf_counter() - started
+        stats = SaveStats(step, self.rank, blocked, self.staging.nbytes, snapshot_s=blocked)
         self._known_steps.add(step)
         future = self._executor.submit(self._upload, step, staged, copied, stats, started)
         self._pending = SaveHandle(step, future, stats)
@@ -171,6 +220,8 @@ class Checkpointer:
         self, step: int, staged: dict[str, Any], copied: Callable[[], None], stats: SaveStats, started: float
     ) -> None:
         copied()
+        stats.snapshot_s = time.perf_counter() - started
+        before = self.store.stats.copy()
         layout = Layout(step_name(step), self.writer_options.fanout)
         writer = ShardWriter._for_checkpoint(
             self.store, layout, self.store.uri(step_name(step)), {"step": step}, self.writer_options
@@ -181,14 +232,17 @@ class Checkpointer:
             raise SaveFailedError(f"save of step {step} to {self.store.uri(step_name(step))} failed: {_describe(exc)}") from _first_cause(exc)
         except Exception as exc:
             raise SaveFailedError(f"save of step {step} to {self.store.uri(step_name(step))} failed on rank {self.rank}: {exc}") from exc
-        stats.total_s = time.perf_counter() - started
-        self.history.append(stats)
-        logger.info(
-            "shardckpt step=%d blocked_s=%.4f total_s=%.3f bytes=%d uri=%s",
-            step, stats.blocked_s, stats.total_s, stats.staged_bytes, self.store.uri(step_name(step)),
-        )
         if self.keep_last is not None and self.rank == 0:
             self._apply_retention()
+        now = time.perf_counter()
+        stats.total_s, stats.upload_s = now - started, now - started - stats.snapshot_s
+        stats.objects = len(writer.last_stream.objects) if writer.last_stream else 0
+        spent = self.store.stats.copy() - before
+        stats.requests, stats.retries, stats.throttled = spent.requests, spent.retries, spent.throttled
+        self.history.append(stats)
+        _log_stats("save", stats)
+        if self.on_stats is not None:
+            self.on_stats(stats)
 
     def _raise_background_error(self) -> None:
         """Raise the error of a finished background save, once."""
@@ -228,6 +282,7 @@ class Checkpointer:
         reader = ShardReader._for_checkpoint(self.store, layout, self.store.uri(step_name(step)), trusted=self.trusted)
         reader.manifest = read_manifest(self.store, layout)
         check_state_dict(state_dict, reader.manifest.metadata, reader.uri)
+        started, before = time.perf_counter(), self.store.stats.copy()
         try:
             dcp.load(state_dict, storage_reader=reader, process_group=self._group)
         except CheckpointException as exc:
@@ -235,6 +290,11 @@ class Checkpointer:
             if isinstance(cause, ShardckptError):
                 raise cause from exc
             raise
+        spent = self.store.stats.copy() - before
+        stats = LoadStats(step, self.rank, time.perf_counter() - started, spent.bytes_got, spent.requests, spent.retries, spent.throttled)
+        _log_stats("load", stats)
+        if self.on_stats is not None:
+            self.on_stats(stats)
         return step
 
     # -- retention --------------------------------------------------------------------------

@@ -86,6 +86,7 @@ class ShardWriter(StorageWriter):
         self.rank = 0
         self.attempt = new_attempt_id()
         self.last_manifest: Manifest | None = None
+        self.last_stream: StreamRecord | None = None
 
     @classmethod
     def _for_checkpoint(
@@ -99,6 +100,7 @@ class ShardWriter(StorageWriter):
         writer._attributes = attributes
         writer.is_coordinator, writer.rank, writer.attempt = False, 0, new_attempt_id()
         writer.last_manifest = None
+        writer.last_stream = None
         return writer
 
     def _reset_uri(self, uri: str | os.PathLike[str]) -> None:
@@ -205,6 +207,7 @@ class ShardWriter(StorageWriter):
             for (index, view), off, crc in zip(buffers, offsets, checksums, strict=True)
         ]
         stream = StreamRecord(self.rank, object_size, objects)
+        self.last_stream = stream
         results.append(WriteResult(MetadataIndex(f"{_STREAM_FQN}.{self.rank}"), total, stream))
         return results
 

@@ -8,6 +8,7 @@ a CPU tensor's bytes) that are concatenated on the wire without being joined in 
 from __future__ import annotations
 
 import bisect
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -35,9 +36,44 @@ class PendingUpload:
     started: float
 
 
+@dataclass
+class StoreStats:
+    """Counters of a store's traffic: requests sent (every attempt), retries, throttling
+    replies (503 SlowDown), and payload bytes put and got. Thread-safe via :meth:`add`."""
+
+    requests: int = 0
+    retries: int = 0
+    throttled: int = 0
+    bytes_put: int = 0
+    bytes_got: int = 0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
+
+    def copy(self) -> StoreStats:
+        with self._lock:
+            return StoreStats(self.requests, self.retries, self.throttled, self.bytes_put, self.bytes_got)
+
+    def __sub__(self, other: StoreStats) -> StoreStats:
+        return StoreStats(
+            self.requests - other.requests,
+            self.retries - other.retries,
+            self.throttled - other.throttled,
+            self.bytes_put - other.bytes_put,
+            self.bytes_got - other.bytes_got,
+        )
+
+
 @runtime_checkable
 class ObjectStore(Protocol):
     """What every backend provides. All methods are thread-safe."""
+
+    stats: StoreStats
 
     def uri(self, key: str = "") -> str:
         """The full URI of ``key`` (for messages)."""

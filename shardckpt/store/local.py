@@ -21,7 +21,7 @@ from shardckpt.errors import (
     ObjectNotFoundError,
     StoreError,
 )
-from shardckpt.store.base import Buffer, ObjectInfo, PendingUpload, as_byte_views
+from shardckpt.store.base import Buffer, ObjectInfo, PendingUpload, StoreStats, as_byte_views
 
 _TMP_MARK = ".tmp-shardckpt-"
 
@@ -32,6 +32,7 @@ class LocalStore:
     def __init__(self, root: str, *, fsync: bool = True) -> None:
         self.root = os.path.abspath(root)
         self._fsync = fsync
+        self.stats = StoreStats()
 
     def uri(self, key: str = "") -> str:
         return f"file://{os.path.join(self.root, key)}" if key else f"file://{self.root}"
@@ -50,12 +51,14 @@ class LocalStore:
 
     def put(self, key: str, data: Sequence[Buffer], *, if_absent: bool = False) -> None:
         path = self._path(key)
+        views = as_byte_views(data)
+        self.stats.add(requests=1, bytes_put=sum(len(v) for v in views))
         directory, name = os.path.split(path)
         tmp = os.path.join(directory, f".{name}{_TMP_MARK}{uuid.uuid4().hex}")
         try:
             os.makedirs(directory, exist_ok=True)
             with open(tmp, "wb") as f:
-                for view in as_byte_views(data):
+                for view in views:
                     f.write(view)
                 if self._fsync:
                     f.flush()
@@ -74,6 +77,7 @@ class LocalStore:
                 os.unlink(tmp)
 
     def get_into(self, key: str, offset: int, views: Sequence[memoryview]) -> None:
+        self.stats.add(requests=1, bytes_got=sum(len(v) for v in views))
         try:
             with open(self._path(key), "rb", buffering=0) as f:
                 f.seek(offset)

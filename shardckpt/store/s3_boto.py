@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import logging
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -33,6 +32,7 @@ from shardckpt.store.base import (
     Buffer,
     ObjectInfo,
     PendingUpload,
+    StoreStats,
     as_byte_views,
     slice_views,
     total_size,
@@ -141,9 +141,7 @@ class BotoS3Store:
         # which stalls for read_timeout and then retries (boto/botocore#3755).
         self._client.meta.events.unregister("before-call.s3", botocore.handlers.add_expect_header)
         self._parts_pool = ThreadPoolExecutor(config.max_concurrency, thread_name_prefix="shardckpt-part")
-        self._lock = threading.Lock()
-        self.retries = 0
-        self.throttled = 0
+        self.stats = StoreStats()
 
     # -- naming -----------------------------------------------------------------------
     def _key(self, key: str) -> str:
@@ -158,12 +156,11 @@ class BotoS3Store:
 
     # -- retries and error translation --------------------------------------------------
     def _count_retry(self, exc: TransientError) -> None:
-        with self._lock:
-            self.retries += 1
-            self.throttled += exc.throttled
+        self.stats.add(retries=1, throttled=int(exc.throttled))
 
     def _call(self, what: str, uri: str, fn: Callable[[], T]) -> T:
         def attempt() -> T:
+            self.stats.add(requests=1)
             try:
                 return fn()
             except Exception as exc:  # translated below; nothing is swallowed
@@ -175,6 +172,7 @@ class BotoS3Store:
     def put(self, key: str, data: Sequence[Buffer], *, if_absent: bool = False) -> None:
         views = as_byte_views(data)
         size = total_size(views)
+        self.stats.add(bytes_put=size)
         if size <= self.config.multipart_threshold or if_absent:
             extra = {"IfNoneMatch": "*"} if if_absent else {}
             self._call(
@@ -237,6 +235,7 @@ class BotoS3Store:
         if length == 0:
             return
         uri = self.uri(key)
+        self.stats.add(bytes_got=length)
 
         def fetch() -> None:
             reply = self._client.get_object(

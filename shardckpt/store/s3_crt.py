@@ -56,6 +56,7 @@ class CrtS3Store(BotoS3Store):
 
     def _crt_call(self, what: str, uri: str, fn):  # type: ignore[no-untyped-def]
         def attempt():  # type: ignore[no-untyped-def]
+            self.stats.add(requests=1)
             try:
                 return fn()
             except S3Exception as exc:
@@ -68,6 +69,7 @@ class CrtS3Store(BotoS3Store):
             super().put(key, data, if_absent=True)
             return
         views = as_byte_views(data)
+        self.stats.add(bytes_put=sum(len(v) for v in views))
 
         def upload() -> None:
             stream = self._native.put_object(self.bucket, self._key(key))
@@ -86,6 +88,7 @@ class CrtS3Store(BotoS3Store):
         if length == 0:
             return
         uri = self.uri(key)
+        self.stats.add(bytes_got=length)
 
         def fetch() -> None:
             chunks = self._native.get_object(self.bucket, self._key(key), offset, offset + length)

@@ -214,3 +214,23 @@ def test_checkpointer_checkpoint_reads_with_plain_dcp(tmp_path) -> None:  # type
     out = {"w": torch.zeros(10)}
     dcp.load(out, storage_reader=ShardReader(str(tmp_path / "run" / "step-0000000003")))
     assert torch.equal(out["w"], torch.arange(10.0))
+
+
+def test_every_save_and_load_reports_its_figures(tmp_path, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    from shardckpt.checkpointer import LoadStats, SaveStats
+
+    seen: list[Any] = []
+    state = {"w": torch.randn(1 << 18), "v": torch.ones(10)}
+    with caplog.at_level(logging.INFO, logger="shardckpt"):
+        with Checkpointer(tmp_path / "run", on_stats=seen.append, object_size=1 << 20) as ck:
+            ck.save(1, state).wait()
+            ck.load({"w": torch.zeros(1 << 18), "v": torch.zeros(10)})
+    save, load = seen
+    assert isinstance(save, SaveStats) and isinstance(load, LoadStats)
+    assert save.bytes == (1 << 20) + 40 and save.objects == 2 and save.requests >= 3
+    assert 0 < save.blocked_s <= save.total_s and save.upload_gbps > 0 and save.retries == 0
+    assert load.bytes == save.bytes and load.requests >= 2 and load.gbps > 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("shardckpt save ")]
+    assert len(lines) == 1 and '"step": 1' in lines[0] and '"upload_gbps"' in lines[0]
