@@ -37,7 +37,8 @@ from shardckpt.gc import GcReport, collect_garbage
 from shardckpt.layout import Layout
 from shardckpt.reader import ShardReader, check_state_dict, read_manifest
 from shardckpt.staging import HostStaging
-from shardckpt.store import open_store
+from shardckpt.store import LocalStore, open_store
+from shardckpt.store.tiered import TieredStore
 from shardckpt.writer import ShardWriter, _split_options
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,9 @@ class Checkpointer:
     Checkpointer at the same point. ``when_busy``: what ``save`` does while the previous
     save is still uploading: ``"wait"`` (default) or ``"skip"`` (with a warning).
     ``collective_timeout``: seconds a background collective may wait for a peer.
+    ``local_copy``: a local directory (e.g. NVMe) that keeps this node's shards of the newest
+    checkpoint, so a restart on the same node loads from disk while S3 holds the durable
+    copy; shards missing there are read from S3.
     ``on_stats``: called with a :class:`SaveStats` after each commit (from the background
     thread) and a :class:`LoadStats` after each load, e.g. to log to TensorBoard or W&B;
     each is also logged as one JSON line at INFO.
@@ -147,6 +151,7 @@ class Checkpointer:
         trusted: bool = False,
         overlap: bool = False,
         on_stats: Callable[[SaveStats | LoadStats], None] | None = None,
+        local_copy: str | os.PathLike[str] | None = None,
         **options: Any,
     ) -> None:
         if keep_last is not None and keep_last < 1:
@@ -163,6 +168,8 @@ class Checkpointer:
         self._snapshot_wait: Callable[[], None] | None = None
         self.writer_options, store_options = _split_options(options)
         self.store = open_store(self.root_uri, **store_options)
+        if local_copy is not None:
+            self.store = TieredStore(self.store, LocalStore(os.fspath(local_copy), fsync=False))
         self._group = _dedicated_group(process_group, collective_timeout)
         self.rank = dist.get_rank(self._group) if self._group is not None else 0
         self.staging = HostStaging()
@@ -234,6 +241,8 @@ class Checkpointer:
             raise SaveFailedError(f"save of step {step} to {self.store.uri(step_name(step))} failed on rank {self.rank}: {exc}") from exc
         if self.keep_last is not None and self.rank == 0:
             self._apply_retention()
+        if isinstance(self.store, TieredStore):
+            self.store.keep_only(step_name(step) + "/")
         now = time.perf_counter()
         stats.total_s, stats.upload_s = now - started, now - started - stats.snapshot_s
         stats.objects = len(writer.last_stream.objects) if writer.last_stream else 0

@@ -23,6 +23,7 @@ from shardckpt import (
     ShardWriter,
     StateDictMismatchError,
 )
+from shardckpt.store import open_store
 from tests.conftest import make_target
 from tests.distributed import run_ranks
 from tests.writer.states import fingerprint
@@ -234,3 +235,22 @@ def test_every_save_and_load_reports_its_figures(tmp_path, caplog: pytest.LogCap
     assert load.bytes == save.bytes and load.requests >= 2 and load.gbps > 0
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("shardckpt save ")]
     assert len(lines) == 1 and '"step": 1' in lines[0] and '"upload_gbps"' in lines[0]
+
+
+def test_local_copy_serves_restarts_and_s3_stays_durable(request: pytest.FixtureRequest, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    target = make_target("moto-boto3", request, tmp_path)
+    cache = tmp_path / "nvme"
+    with Checkpointer(target.uri, local_copy=cache, **target.options) as ck:
+        for step in (1, 2):
+            ck.save(step, {"w": torch.full((1000,), float(step))})
+    local = sorted(p.relative_to(cache).parts[0] for p in cache.rglob("rank*"))
+    assert local == ["step-0000000002"], "only the newest checkpoint is kept locally"
+    durable = open_store(target.uri, **target.options)
+    data_keys = [o.key for o in durable.list("step-0000000002/") if "rank" in o.key]
+    durable.delete(data_keys)  # S3 lost the data: the local copy still serves this node
+    out = {"w": torch.zeros(1000)}
+    with Checkpointer(target.uri, local_copy=cache, **target.options) as ck:
+        assert ck.load(out) == 2 and torch.equal(out["w"], torch.full((1000,), 2.0))
+        out1 = {"w": torch.zeros(1000)}
+        ck.load(out1, step=1)  # not on local disk: read from S3
+        assert torch.equal(out1["w"], torch.ones(1000))
