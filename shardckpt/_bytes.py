@@ -39,6 +39,26 @@ def crc32c(views: Sequence[memoryview] | memoryview, value: int = 0) -> int:
     return value
 
 
+def batches(views: Sequence[memoryview], batch_bytes: int = 8 << 20, max_items: int = 4096) -> list[range]:
+    """Consecutive index ranges of ``views`` holding about ``batch_bytes`` each, so work per
+    view (a checksum) can go to a thread pool without one task per tiny tensor."""
+    out: list[range] = []
+    start, size = 0, 0
+    for i, v in enumerate(views):
+        if i > start and (size >= batch_bytes or i - start >= max_items):
+            out.append(range(start, i))
+            start, size = i, 0
+        size += len(v)
+    if start < len(views):
+        out.append(range(start, len(views)))
+    return out
+
+
+def crc32c_of(views: Sequence[memoryview]) -> list[int]:
+    """The CRC32C of each view."""
+    return [crc32c(v) for v in views]
+
+
 def empty_bytes(n: int) -> memoryview:
     """An uninitialized writable byte buffer (numpy: no zero-fill, unlike bytearray)."""
     return memoryview(np.empty(n, dtype=np.uint8))

@@ -112,7 +112,7 @@ class Manifest:
             "created": self.created,
             "attributes": self.attributes,
             "dcp_version": md.version,
-            "tensors": {fqn: _encode_storage_md(v) for fqn, v in md.state_dict_metadata.items()},
+            **_encode_state_dict_metadata(md.state_dict_metadata),
             "planner_data": _encode_plain(md.planner_data),
             "storage_meta": None if md.storage_meta is None else _encode_storage_meta(md.storage_meta),
             "items": [
@@ -155,7 +155,7 @@ class Manifest:
                 for fqn, off, idx, r, o, n, c in doc["items"]
             }
             metadata = Metadata(
-                state_dict_metadata={fqn: _decode_storage_md(v) for fqn, v in doc["tensors"].items()},
+                state_dict_metadata=_decode_state_dict_metadata(doc),
                 planner_data=_decode_plain(doc["planner_data"]),
                 storage_data=locations,
                 storage_meta=None if doc["storage_meta"] is None else StorageMeta(**doc["storage_meta"]),
@@ -170,20 +170,25 @@ class Manifest:
         return manifest
 
 
-def _encode_storage_md(md: TensorStorageMetadata | BytesStorageMetadata) -> dict[str, Any]:
-    if isinstance(md, BytesStorageMetadata):
-        return {"type": "bytes"}
-    p = md.properties
-    return {
-        "type": "tensor",
-        "dtype": str(p.dtype).removeprefix("torch."),
-        "layout": str(p.layout).removeprefix("torch."),
-        "requires_grad": p.requires_grad,
-        "memory_format": str(p.memory_format).removeprefix("torch."),
-        "pin_memory": p.pin_memory,
-        "size": list(md.size),
-        "chunks": [[list(c.offsets), list(c.sizes)] for c in md.chunks],
-    }
+def _name(value: Any) -> str:
+    return str(value).removeprefix("torch.")
+
+
+def _encode_state_dict_metadata(items: dict[str, Any]) -> dict[str, Any]:
+    """``props``: the distinct tensor properties (a model has a handful); ``tensors``: per
+    key ``[props index, size, [[offsets, sizes], ...]]``, or ``"bytes"`` for other values.
+    The table keeps a 100k-tensor manifest small and fast to parse."""
+    props: dict[tuple[Any, ...], int] = {}
+    tensors: dict[str, Any] = {}
+    for fqn, md in items.items():
+        if isinstance(md, BytesStorageMetadata):
+            tensors[fqn] = "bytes"
+            continue
+        p = md.properties
+        key = (_name(p.dtype), _name(p.layout), p.requires_grad, _name(p.memory_format), p.pin_memory)
+        index = props.setdefault(key, len(props))
+        tensors[fqn] = [index, list(md.size), [[list(c.offsets), list(c.sizes)] for c in md.chunks]]
+    return {"props": [list(k) for k in props], "tensors": tensors}
 
 
 def _torch_attr(name: str, kind: type) -> Any:
@@ -194,20 +199,36 @@ def _torch_attr(name: str, kind: type) -> Any:
     return value
 
 
-def _decode_storage_md(doc: dict[str, Any]) -> TensorStorageMetadata | BytesStorageMetadata:
-    if doc["type"] == "bytes":
-        return BytesStorageMetadata()
-    if doc["type"] != "tensor":
-        raise ValueError(f"unknown item type {doc['type']!r}")
-    props = TensorProperties(
-        dtype=_torch_attr(doc["dtype"], torch.dtype),
-        layout=_torch_attr(doc["layout"], torch.layout),
-        requires_grad=bool(doc["requires_grad"]),
-        memory_format=_torch_attr(doc["memory_format"], torch.memory_format),
-        pin_memory=bool(doc["pin_memory"]),
-    )
-    chunks = [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in doc["chunks"]]
-    return TensorStorageMetadata(props, torch.Size(doc["size"]), chunks)
+def _decode_state_dict_metadata(doc: dict[str, Any]) -> dict[str, TensorStorageMetadata | BytesStorageMetadata]:
+    props = [
+        TensorProperties(
+            dtype=_torch_attr(dtype, torch.dtype),
+            layout=_torch_attr(layout, torch.layout),
+            requires_grad=bool(requires_grad),
+            memory_format=_torch_attr(memory_format, torch.memory_format),
+            pin_memory=bool(pin_memory),
+        )
+        for dtype, layout, requires_grad, memory_format, pin_memory in doc["props"]
+    ]
+    sizes: dict[tuple[int, ...], torch.Size] = {}  # shapes repeat; torch.Size() is slow to build
+
+    def size(values: list[int]) -> torch.Size:
+        key = tuple(int(v) for v in values)
+        found = sizes.get(key)
+        if found is None:
+            found = sizes[key] = torch.Size(key)
+        return found
+
+    out: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
+    for fqn, entry in doc["tensors"].items():
+        if entry == "bytes":
+            out[fqn] = BytesStorageMetadata()
+            continue
+        index, shape, chunks = entry
+        out[fqn] = TensorStorageMetadata(
+            props[index], size(shape), [ChunkStorageMetadata(size(o), size(s)) for o, s in chunks]
+        )
+    return out
 
 
 def _encode_storage_meta(meta: StorageMeta) -> dict[str, Any]:
@@ -220,7 +241,10 @@ def _encode_storage_meta(meta: StorageMeta) -> dict[str, Any]:
 
 
 def _encode_plain(value: Any) -> Any:
-    """JSON for planner data: plain values, lists, str-keyed dicts; tuples are tagged."""
+    """JSON for planner data: plain values, lists, str-keyed dicts; tuples are tagged. DCP's
+    own planner data, a map of keys to paths (tuples), gets one compact tag."""
+    if isinstance(value, dict) and value and all(isinstance(k, str) and _is_path(v) for k, v in value.items()):
+        return {"__paths__": {k: list(v) for k, v in value.items()}}
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, tuple):
@@ -238,5 +262,11 @@ def _decode_plain(value: Any) -> Any:
     if isinstance(value, dict):
         if set(value) == {"__tuple__"}:
             return tuple(_decode_plain(v) for v in value["__tuple__"])
+        if set(value) == {"__paths__"}:
+            return {k: tuple(v) for k, v in value["__paths__"].items()}
         return {k: _decode_plain(v) for k, v in value.items()}
     return value
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, tuple) and all(isinstance(p, str | int) and not isinstance(p, bool) for p in value)

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, Tenso
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 
-from shardckpt._bytes import byte_view_of, crc32c, empty_bytes
+from shardckpt._bytes import batches, byte_view_of, crc32c_of, empty_bytes
 from shardckpt.errors import (
     CheckpointNotFoundError,
     ChecksumMismatchError,
@@ -190,7 +190,8 @@ class ShardReader(StorageReader):
         requests = [r for key, ranges in per_object.items() for r in _coalesce(key, ranges)]
         with ThreadPoolExecutor(self.num_threads, thread_name_prefix="shardckpt-read") as pool:
             list(pool.map(lambda r: self.store.get_into(*r), requests))
-            checksums = list(pool.map(lambda d: crc32c(d.buffer), destinations))
+            buffers = [d.buffer for d in destinations]
+            checksums = [c for part in pool.map(crc32c_of, [buffers[r.start : r.stop] for r in batches(buffers)]) for c in part]
         for dest, checksum in zip(destinations, checksums, strict=True):
             if checksum != dest.location.crc32c:
                 where = ", ".join(f"{self.store.uri(self._layout.resolve(o.key))} bytes {s}-{s + n - 1}" for o, s, n, _ in dest.pieces)

@@ -22,12 +22,12 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, Stora
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
-from shardckpt._bytes import crc32c, tensor_bytes
-from shardckpt.errors import CheckpointExistsError, ObjectExistsError
+from shardckpt._bytes import batches, crc32c, crc32c_of, tensor_bytes
+from shardckpt.errors import CheckpointExistsError, ObjectExistsError, ObjectNotFoundError
 from shardckpt.layout import Layout, new_attempt_id
 from shardckpt.manifest import ItemLocation, Manifest, ObjectRecord, StreamRecord
 from shardckpt.store import ObjectStore, open_store
-from shardckpt.store.base import slice_views
+from shardckpt.store.base import gather, slice_views
 from shardckpt.uri import parse_uri
 
 logger = logging.getLogger(__name__)
@@ -198,8 +198,11 @@ class ShardWriter(StorageWriter):
                 return ObjectRecord(names[index], sum(len(s) for s in segments), checksum)
 
             uploads = [pool.submit(upload, i) for i in range(count)]
-            checksums = list(pool.map(crc32c, views))
-            objects = tuple(f.result() for f in uploads)
+            sums = [pool.submit(crc32c_of, views[r.start : r.stop]) for r in batches(views)]
+            # On a failed upload, the queued ones are cancelled: the save fails within about
+            # one retry deadline, not one per queued object.
+            done = gather([*uploads, *sums])
+            objects, checksums = tuple(done[:count]), [c for part in done[count:] for c in part]
         elapsed = time.perf_counter() - started
         logger.debug("rank %d wrote %d bytes in %d objects in %.3fs", self.rank, total, count, elapsed)
         results = [
@@ -215,13 +218,18 @@ class ShardWriter(StorageWriter):
 def commit(store: ObjectStore, layout: Layout, manifest: Manifest, *, overwrite: bool) -> None:
     """Write the manifest: the commit point. Conditional unless ``overwrite``."""
     key = layout.manifest_key
+    data = manifest.to_json()
     try:
-        store.put(key, [manifest.to_json()], if_absent=not overwrite)
+        store.put(key, [data], if_absent=not overwrite)
     except ObjectExistsError:
-        raise CheckpointExistsError(
-            f"{store.uri(key)} already exists (another writer committed first); "
-            "this save's data is garbage for gc; pass overwrite=True to replace a checkpoint"
-        ) from None
+        if _stored_manifest(store, key) == data:
+            # Our first attempt was stored but its reply was lost; the retry found it.
+            logger.info("%s: the commit's reply was lost, but the stored manifest is ours", store.uri(key))
+        else:
+            raise CheckpointExistsError(
+                f"{store.uri(key)} already exists (another writer committed first); "
+                "this save's data is garbage for gc; pass overwrite=True to replace a checkpoint"
+            ) from None
     logger.info(
         "committed %s: %d ranks, %d objects, %d bytes",
         store.uri(key),
@@ -230,3 +238,9 @@ def commit(store: ObjectStore, layout: Layout, manifest: Manifest, *, overwrite:
         manifest.total_bytes,
     )
 
+
+def _stored_manifest(store: ObjectStore, key: str) -> bytes | None:
+    try:
+        return store.get(key)
+    except ObjectNotFoundError:
+        return None

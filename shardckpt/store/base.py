@@ -10,11 +10,13 @@ from __future__ import annotations
 import bisect
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 # Anything exposing the buffer protocol (bytes, memoryview, numpy arrays, ...).
 Buffer = bytes | bytearray | memoryview
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -152,3 +154,18 @@ def slice_views(
             out.append(views[i][lo - offsets[i] : hi - offsets[i]])
         i += 1
     return out
+
+
+def gather(futures: Sequence[Future[T]]) -> list[T]:
+    """The results of ``futures``, in order. On the first failure, cancel the futures not yet
+    started, wait for the running ones and raise that failure: an operation made of many
+    requests fails as soon as one of them has spent its retries, not after every queued
+    request has spent its own."""
+    done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+    failed = next((f for f in futures if f in done and f.exception() is not None), None)
+    if failed is not None:
+        for future in pending:
+            future.cancel()
+        wait(pending)
+        failed.result()
+    return [f.result() for f in futures]

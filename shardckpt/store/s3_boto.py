@@ -34,6 +34,7 @@ from shardckpt.store.base import (
     PendingUpload,
     StoreStats,
     as_byte_views,
+    gather,
     slice_views,
     total_size,
 )
@@ -212,7 +213,7 @@ class BotoS3Store:
                 return {"PartNumber": number, "ETag": reply["ETag"]}
 
             numbers = range(1, -(-size // part_size) + 1)
-            parts = list(self._parts_pool.map(upload, numbers))
+            parts = gather([self._parts_pool.submit(upload, n) for n in numbers])
             self._call(
                 "CompleteMultipartUpload",
                 uri,
@@ -221,14 +222,12 @@ class BotoS3Store:
                 ),
             )
         except BaseException:
-            self._abort(full, upload_id)
+            # With retries: the failure is often an outage, which the abort must outlast too.
+            try:
+                self.abort_upload(PendingUpload(key, upload_id, 0.0))
+            except Exception as exc:  # the upload is still listed, so gc can abort it later
+                logger.warning("could not abort multipart upload %s: %s", uri, exc)
             raise
-
-    def _abort(self, full_key: str, upload_id: str) -> None:
-        try:
-            self._client.abort_multipart_upload(Bucket=self.bucket, Key=full_key, UploadId=upload_id)
-        except Exception as exc:  # the upload is still listed, so gc can abort it later
-            logger.warning("could not abort multipart upload of s3://%s/%s: %s", self.bucket, full_key, exc)
 
     def get_into(self, key: str, offset: int, views: Sequence[memoryview]) -> None:
         length = sum(len(v) for v in views)
