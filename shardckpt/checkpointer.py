@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
@@ -171,6 +171,10 @@ class Checkpointer:
         if local_copy is not None:
             self.store = TieredStore(self.store, LocalStore(os.fspath(local_copy), fsync=False))
         self._group = _dedicated_group(process_group, collective_timeout)
+        # Main-thread collectives (preemption checks) get their own group: sharing the
+        # save's group with the background thread could interleave collectives and hang.
+        self._control = _dedicated_group(process_group, collective_timeout)
+        self._sigterm = False
         self.rank = dist.get_rank(self._group) if self._group is not None else 0
         self.staging = HostStaging()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-save")
@@ -337,8 +341,9 @@ class Checkpointer:
             self._executor.shutdown(wait=True)
             self.staging.close()
             self.store.close()
-            if self._group is not None:
-                dist.destroy_process_group(self._group)
+            for group in (self._group, self._control):
+                if group is not None:
+                    dist.destroy_process_group(group)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -350,22 +355,26 @@ class Checkpointer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def install_sigterm_handler(self, final_save: Callable[[], None] | None = None) -> None:
-        """On SIGTERM: let the save in flight commit, run ``final_save`` (e.g. a last
-        ``save``), then exit with status 143. Opt-in; call from the main thread."""
-        previous = signal.getsignal(signal.SIGTERM)
-
+    def install_sigterm_handler(self) -> None:
+        """Opt-in preemption handling: on SIGTERM, only note it; the training loop asks
+        :meth:`preempted` at a step boundary, takes a final save and exits. (Saving inside a
+        signal handler could start collectives at different steps on different ranks.)
+        Call from the main thread."""
         def handler(signum: int, frame: Any) -> None:
-            logger.warning("shardckpt: SIGTERM: finishing the save in flight before exiting")
-            signal.signal(signal.SIGTERM, previous if callable(previous) else signal.SIG_DFL)
-            try:
-                if final_save is not None:
-                    final_save()
-                self.close()
-            finally:
-                sys.exit(128 + signum)
+            logger.warning("shardckpt: SIGTERM received: the loop will save and stop at the next check")
+            self._sigterm = True
 
         signal.signal(signal.SIGTERM, handler)
+
+    def preempted(self) -> bool:
+        """Whether any rank has received SIGTERM. All ranks must call this at the same
+        steps: they agree through a small collective on a control group of their own, so
+        every rank stops after the same step."""
+        if self._control is None:
+            return self._sigterm
+        flag = torch.tensor([int(self._sigterm)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._control)
+        return bool(flag.item())
 
 
 def _nothing() -> None:

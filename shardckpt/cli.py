@@ -21,6 +21,7 @@ from shardckpt.catalog import committed_steps, find_checkpoints, step_name
 from shardckpt.errors import CheckpointNotFoundError, ObjectExistsError, ShardckptError
 from shardckpt.gc import collect_garbage
 from shardckpt.layout import Layout
+from shardckpt.mirror import add_mirror_command
 from shardckpt.reader import read_manifest
 from shardckpt.single import load as load_single
 from shardckpt.store import ObjectStore, open_store
@@ -281,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=8)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_cp)
+
+    add_mirror_command(sub, parents=[common])
 
     p = sub.add_parser("bench", help="run the benchmark harness (from a source checkout)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for python -m benchmarks")

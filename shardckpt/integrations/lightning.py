@@ -79,7 +79,7 @@ from shardckpt.errors import (
     ShardckptError,
 )
 from shardckpt.layout import Layout
-from shardckpt.reader import ShardReader
+from shardckpt.reader import ShardReader, read_manifest
 from shardckpt.staging import HostStaging
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.uri import Location, parse_uri
@@ -222,12 +222,11 @@ class ShardckptCheckpointIO(CheckpointIO):
         a ``torch.load``-style function). Waits for saves in flight first."""
         self.wait()
         target = self._target(path)
+        store = self._store(target.root)
         reader = ShardReader._for_checkpoint(
-            self._store(target.root),
-            target.layout,
-            target.uri,
-            num_threads=self.writer_options.num_threads,
+            store, target.layout, target.uri, num_threads=self.writer_options.num_threads
         )
+        reader.manifest = read_manifest(store, target.layout)  # clear errors, before DCP's
         state: dict[str, Any] = {}
         try:
             _load_state_dict(
