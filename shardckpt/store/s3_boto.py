@@ -96,7 +96,7 @@ class BufferChain(io.RawIOBase):
             self._index += 1
         return self._pos
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int = -1) -> bytes | memoryview:  # type: ignore[override]
         if self._pos >= self._size:
             return b""
         while self._starts[self._index] + len(self._views[self._index]) <= self._pos:
@@ -105,7 +105,8 @@ class BufferChain(io.RawIOBase):
         start = self._pos - self._starts[self._index]
         end = len(view) if size is None or size < 0 else min(len(view), start + size)
         self._pos += end - start
-        return view[start:end].tobytes()
+        # A view, not a copy: http.client sends it with sendall, which releases the GIL.
+        return view[start:end]
 
     def readinto(self, buffer: Any) -> int:
         data = self.read(len(buffer))
