@@ -12,15 +12,10 @@ with ``Checkpointer.preempted()`` at step boundaries, so all of them save the sa
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.fsdp import fully_shard
-from train import TinyTransformer, batch
+from train import build, resume, state_of, train_step
 
 from shardckpt import Checkpointer
 
@@ -34,47 +29,21 @@ def main() -> None:
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    torch.manual_seed(0)
-    model = TinyTransformer()
-    for layer in model.blocks.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-
+    model, opt = build("fsdp", torch.device("cpu"))
     with Checkpointer(args.ckpt, keep_last=2) as ckpt:
         ckpt.install_sigterm_handler()
-
-        def state() -> dict:
-            model_sd, optim_sd = get_state_dict(model, opt)
-            return {"model": model_sd, "optim": optim_sd}
-
-        step = 0
-        if ckpt.latest() is not None:
-            sd = state()
-            step = ckpt.load(sd)
-            set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-            if rank == 0:
-                print(f"resumed from step {step}", flush=True)
+        step = resume(ckpt, model, opt)
         while step < args.steps:
             step += 1
-            inputs, targets = batch(step, rank, "cpu")
-            loss = nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            if rank == 0 and args.losses:
-                with open(args.losses, "a") as f:
-                    f.write(json.dumps({"step": step, "loss": loss.item()}) + "\n")
+            train_step(model, opt, step, torch.device("cpu"), args.losses)
             if ckpt.preempted():  # every rank gets the same answer at the same step
-                ckpt.save(step, state())
-                if rank == 0:
+                ckpt.save(step, state_of(model, opt))
+                if dist.get_rank() == 0:
                     print(f"preempted: saved step {step}, exiting", flush=True)
                 break
             if step % args.save_every == 0:
-                ckpt.save(step, state())
+                ckpt.save(step, state_of(model, opt))
     dist.destroy_process_group()
-    sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,52 @@ def batch(step: int, rank: int, device: torch.device) -> tuple[torch.Tensor, tor
     return tokens[:, :-1].to(device), tokens[:, 1:].to(device)
 
 
+def build(parallel: str, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model, sharded with FSDP2 or replicated with DDP, and its optimizer (seeded: every
+    run starts from the same weights)."""
+    torch.manual_seed(0)
+    model = TinyTransformer().to(device)
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.blocks.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    else:
+        model = nn.parallel.DistributedDataParallel(model)
+    return model, torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+
+def state_of(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """What a checkpoint holds: sharded model and optimizer state (DTensors under FSDP2)."""
+    model_sd, optim_sd = get_state_dict(model, opt)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def resume(ckpt: Checkpointer, model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Load the latest committed checkpoint, if any; return its step (0 without one)."""
+    if ckpt.latest() is None:
+        return 0
+    state = state_of(model, opt)
+    step = ckpt.load(state)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if dist.get_rank() == 0:
+        print(f"resumed from step {step}", flush=True)
+    return step
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, step: int, device: torch.device, losses: str | None) -> float:
+    inputs, targets = batch(step, dist.get_rank(), device)
+    loss = nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    if dist.get_rank() == 0 and losses:
+        with open(losses, "a") as f:
+            f.write(json.dumps({"step": step, "loss": loss.item()}) + "\n")
+    return loss.item()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint root: s3://bucket/prefix, file:// or a path")
@@ -53,49 +99,20 @@ def main() -> None:
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
-    rank = dist.get_rank()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-
-    torch.manual_seed(0)
-    model = TinyTransformer().to(device)
-    if args.parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model.blocks.layers:
-            fully_shard(layer)
-        fully_shard(model)
-    else:
-        model = nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-
-    def state() -> dict:
-        model_sd, optim_sd = get_state_dict(model, opt)
-        return {"model": model_sd, "optim": optim_sd, "step": step}
+    model, opt = build(args.parallel, device)
 
     with Checkpointer(args.ckpt, keep_last=args.keep_last) as ckpt:
-        step = 0
-        if ckpt.latest() is not None:
-            sd = state()
-            step = ckpt.load(sd)
-            set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-            if rank == 0:
-                print(f"resumed from step {step}", flush=True)
+        step = resume(ckpt, model, opt)
         while step < args.steps:
             step += 1
-            inputs, targets = batch(step, rank, device)
-            loss = nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            if rank == 0 and args.losses:
-                with open(args.losses, "a") as f:
-                    f.write(json.dumps({"step": step, "loss": loss.item()}) + "\n")
+            loss = train_step(model, opt, step, device, args.losses)
             if step % args.save_every == 0:
-                handle = ckpt.save(step, state())
-                if rank == 0:
-                    print(f"step {step} loss {loss.item():.4f} checkpoint blocked {handle.stats.blocked_s * 1e3:.1f} ms", flush=True)
+                handle = ckpt.save(step, state_of(model, opt))
+                if dist.get_rank() == 0:
+                    print(f"step {step} loss {loss:.4f} checkpoint blocked {handle.stats.blocked_s * 1e3:.1f} ms", flush=True)
             if step == args.stop_at:
                 break
     dist.destroy_process_group()
