@@ -103,6 +103,7 @@ class SaveHandle:
         self.step = step
         self.stats = stats
         self._future = future
+        self.raised = False  # its error reached the caller through this handle already
 
     @property
     def skipped(self) -> bool:
@@ -113,7 +114,11 @@ class SaveHandle:
 
     def wait(self) -> None:
         if self._future is not None:
-            self._future.result()
+            try:
+                self._future.result()
+            except BaseException:
+                self.raised = True
+                raise
 
 
 class Checkpointer:
@@ -261,13 +266,16 @@ class Checkpointer:
         """Raise the error of a finished background save, once."""
         if self._pending is not None and self._pending.done():
             pending, self._pending = self._pending, None
-            pending.wait()
+            if not pending.raised:
+                pending.wait()
 
     def wait(self) -> None:
-        """Block until the save in flight is committed; raise its error, once."""
+        """Block until the save in flight is committed; raise its error, once (not again
+        if the caller already got it from the save's own handle)."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            pending.wait()
+            if not pending.raised:
+                pending.wait()
 
     # -- discovery --------------------------------------------------------------------------
     def steps(self) -> list[int]:
@@ -289,7 +297,7 @@ class Checkpointer:
             step = self.latest()
             if step is None:
                 raise CheckpointNotFoundError(f"no committed checkpoint under {self.store.uri()}")
-        elif not isinstance(step, int) or step < 0:
+        elif not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         layout = Layout(step_name(step))
         reader = ShardReader._for_checkpoint(self.store, layout, self.store.uri(step_name(step)), trusted=self.trusted)

@@ -20,6 +20,8 @@ import torch
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
 
+from shardckpt.errors import SaveFailedError
+
 logger = logging.getLogger(__name__)
 
 Path = tuple[Any, ...]
@@ -105,7 +107,11 @@ class HostStaging:
             return {k: self._stage_tree(v, (*path, k), seen, copies) for k, v in value.items()}
         if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
             return type(value)(self._stage_tree(v, (*path, i), seen, copies) for i, v in enumerate(value))
-        return copy.deepcopy(value)  # non-tensor values may be mutated by training later
+        try:
+            return copy.deepcopy(value)  # non-tensor values may be mutated by training later
+        except Exception as exc:
+            where = ".".join(map(str, path)) or "the state dict"
+            raise SaveFailedError(f"{where!r} cannot be copied for the snapshot: {type(exc).__name__}: {exc}") from exc
 
     def _stage_tensor(
         self, tensor: torch.Tensor, path: Path, seen: set[Path], copies: list[tuple[torch.Tensor, torch.Tensor]]

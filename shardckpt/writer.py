@@ -23,7 +23,12 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
 from shardckpt._bytes import batches, crc32c, crc32c_of, tensor_bytes
-from shardckpt.errors import CheckpointExistsError, ObjectExistsError, ObjectNotFoundError
+from shardckpt.errors import (
+    CheckpointExistsError,
+    ObjectExistsError,
+    ObjectNotFoundError,
+    SaveFailedError,
+)
 from shardckpt.layout import Layout, new_attempt_id
 from shardckpt.manifest import ItemLocation, Manifest, ObjectRecord, StreamRecord
 from shardckpt.store import ObjectStore, open_store
@@ -152,7 +157,12 @@ class ShardWriter(StorageWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> torch.futures.Future[list[WriteResult]]:
         buffers: list[tuple[MetadataIndex, memoryview]] = []
         for item in plan.items:
-            data = planner.resolve_data(item)
+            try:
+                data = planner.resolve_data(item)
+            except Exception as exc:  # e.g. a value that cannot be pickled: name it
+                raise SaveFailedError(
+                    f"{self.uri}: {item.index.fqn!r} cannot be saved: {type(exc).__name__}: {exc}"
+                ) from exc
             if item.type == WriteItemType.BYTE_IO:
                 buffers.append((item.index, data.getbuffer()))
             else:

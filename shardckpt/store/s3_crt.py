@@ -144,6 +144,7 @@ def _translate_crt(exc: S3Exception, uri: str) -> Exception:
         return EndpointUnreachableError(f"{uri}: cannot reach the S3 endpoint ({text})", uri)
     if any(s in lower for s in ("slowdown", "throttl", "503")):
         return TransientError(text, throttled=True)
-    if any(s in lower for s in ("500", "internalerror", "timeout", "reset", "closed", "broken pipe")):
+    # The CRT names a 500 "AWS_ERROR_S3_INTERNAL_ERROR ... internal server error", without the code.
+    if any(s in lower for s in ("500", "internalerror", "internal_error", "timeout", "reset", "closed", "broken pipe")):
         return TransientError(text)
     return StoreError(f"{uri}: {text}", uri)

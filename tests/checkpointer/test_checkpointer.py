@@ -254,3 +254,17 @@ def test_local_copy_serves_restarts_and_s3_stays_durable(request: pytest.Fixture
         out1 = {"w": torch.zeros(1000)}
         ck.load(out1, step=1)  # not on local disk: read from S3
         assert torch.equal(out1["w"], torch.ones(1000))
+
+
+def test_error_raised_by_the_handle_is_not_raised_again(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "run"
+    ck = Checkpointer(root)
+    (root / "step-0000000001").parent.mkdir(parents=True, exist_ok=True)
+    (root / "step-0000000001").write_text("not a folder")
+    handle = ck.save(1, {"w": torch.ones(3)})
+    with pytest.raises(SaveFailedError):
+        handle.wait()
+    ck.wait()  # already delivered through the handle
+    ck.save(2, {"w": torch.ones(3)}).wait()
+    ck.close()
+    assert Checkpointer(root).steps() == [2]
