@@ -20,7 +20,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def train(root: str, env: dict[str, str], losses: str, *extra: str) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", os.path.join(HERE, "train.py")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        os.path.join(HERE, "train.py"),
+    ]
     command += ["--ckpt", root, "--steps", "40", "--save-every", "10", "--losses", losses, *extra]
     subprocess.run(command, env=env, check=True)
 
@@ -31,11 +38,17 @@ def read_losses(path: str) -> dict[int, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--local", action="store_true", help="use a local folder instead of a local S3 server")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--local", action="store_true", help="use a local folder instead of a local S3 server"
+    )
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="shardckpt-demo-")
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TORCH_CPP_LOG_LEVEL="ERROR", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ, PYTHONWARNINGS="ignore", TORCH_CPP_LOG_LEVEL="ERROR", OMP_NUM_THREADS="1"
+    )
     server = None
     if args.local:
         root = os.path.join(work, "checkpoints")
@@ -55,11 +68,18 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
-    reference, resumed = read_losses(os.path.join(work, "reference.jsonl")), read_losses(os.path.join(work, "resumed.jsonl"))
+    reference, resumed = (
+        read_losses(os.path.join(work, "reference.jsonl")),
+        read_losses(os.path.join(work, "resumed.jsonl")),
+    )
     first_resumed = min(resumed)
     same = all(resumed[s] == reference[s] for s in resumed)
-    print(f"resumed at step {first_resumed}; losses of steps {first_resumed}-{max(resumed)} identical to the uninterrupted run: {same}")
-    print(f"step {first_resumed} loss: resumed {resumed[first_resumed]:.6f}, uninterrupted {reference[first_resumed]:.6f}")
+    print(
+        f"resumed at step {first_resumed}; losses of steps {first_resumed}-{max(resumed)} identical to the uninterrupted run: {same}"
+    )
+    print(
+        f"step {first_resumed} loss: resumed {resumed[first_resumed]:.6f}, uninterrupted {reference[first_resumed]:.6f}"
+    )
     if first_resumed != 21 or not same:
         sys.exit("demo FAILED: the resumed run diverged from the uninterrupted one")
 

@@ -21,11 +21,15 @@ from shardckpt import Checkpointer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--save-every", type=int, default=50)
-    parser.add_argument("--losses", default=None, help="append 'step loss' JSON lines here (rank 0)")
+    parser.add_argument(
+        "--losses", default=None, help="append 'step loss' JSON lines here (rank 0)"
+    )
     args = parser.parse_args()
 
     dist.init_process_group("gloo")

@@ -26,7 +26,9 @@ class TinyTransformer(nn.Module):
     def __init__(self, vocab: int = 256, dim: int = 128, layers: int = 2) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
-        block = nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=4 * dim, batch_first=True, dropout=0.0)
+        block = nn.TransformerEncoderLayer(
+            dim, nhead=4, dim_feedforward=4 * dim, batch_first=True, dropout=0.0
+        )
         self.blocks = nn.TransformerEncoder(block, layers)
         self.out = nn.Linear(dim, vocab)
 
@@ -74,7 +76,13 @@ def resume(ckpt: Checkpointer, model: nn.Module, opt: torch.optim.Optimizer) -> 
     return step
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, step: int, device: torch.device, losses: str | None) -> float:
+def train_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    step: int,
+    device: torch.device,
+    losses: str | None,
+) -> float:
     inputs, targets = batch(step, dist.get_rank(), device)
     loss = nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
     loss.backward()
@@ -87,19 +95,32 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, step: int, device: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="checkpoint root: s3://bucket/prefix, file:// or a path")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--ckpt", required=True, help="checkpoint root: s3://bucket/prefix, file:// or a path"
+    )
     parser.add_argument("--steps", type=int, default=60, help="train until this step")
     parser.add_argument("--save-every", type=int, default=10)
     parser.add_argument("--keep-last", type=int, default=3)
-    parser.add_argument("--stop-at", type=int, default=None, help="exit right after this step (simulated preemption)")
+    parser.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        help="exit right after this step (simulated preemption)",
+    )
     parser.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp")
-    parser.add_argument("--losses", default=None, help="append 'step loss' JSON lines here (rank 0)")
+    parser.add_argument(
+        "--losses", default=None, help="append 'step loss' JSON lines here (rank 0)"
+    )
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    device = (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    )
     if cuda:
         torch.cuda.set_device(device)
     model, opt = build(args.parallel, device)
@@ -112,7 +133,10 @@ def main() -> None:
             if step % args.save_every == 0:
                 handle = ckpt.save(step, state_of(model, opt))
                 if dist.get_rank() == 0:
-                    print(f"step {step} loss {loss:.4f} checkpoint blocked {handle.stats.blocked_s * 1e3:.1f} ms", flush=True)
+                    print(
+                        f"step {step} loss {loss:.4f} checkpoint blocked {handle.stats.blocked_s * 1e3:.1f} ms",
+                        flush=True,
+                    )
             if step == args.stop_at:
                 break
     dist.destroy_process_group()

@@ -39,7 +39,9 @@ def crc32c(views: Sequence[memoryview] | memoryview, value: int = 0) -> int:
     return value
 
 
-def batches(views: Sequence[memoryview], batch_bytes: int = 8 << 20, max_items: int = 4096) -> list[range]:
+def batches(
+    views: Sequence[memoryview], batch_bytes: int = 8 << 20, max_items: int = 4096
+) -> list[range]:
     """Consecutive index ranges of ``views`` holding about ``batch_bytes`` each, so work per
     view (a checksum) can go to a thread pool without one task per tiny tensor."""
     out: list[range] = []

@@ -43,6 +43,7 @@ from shardckpt.writer import ShardWriter, _split_options
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class SaveStats:
     """Figures of one save on this rank. Seconds: ``blocked_s`` (the training step was
@@ -91,7 +92,13 @@ class LoadStats:
 
 def _log_stats(kind: str, stats: SaveStats | LoadStats) -> None:
     figures = asdict(stats)
-    figures.update({k: round(getattr(stats, k), 3) for k in ("snapshot_gbps", "upload_gbps", "gbps") if hasattr(stats, k)})
+    figures.update(
+        {
+            k: round(getattr(stats, k), 3)
+            for k in ("snapshot_gbps", "upload_gbps", "gbps")
+            if hasattr(stats, k)
+        }
+    )
     logger.info("shardckpt %s %s", kind, json.dumps(figures, sort_keys=True))
 
 
@@ -201,16 +208,23 @@ class Checkpointer:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         self._raise_background_error()
         if step in self._known_steps:
-            raise CheckpointExistsError(f"{self.store.uri(step_name(step))} already exists (step {step} was saved)")
+            raise CheckpointExistsError(
+                f"{self.store.uri(step_name(step))} already exists (step {step} was saved)"
+            )
         if self._pending is not None and not self._pending.done():
             if self.when_busy == "skip":
-                warnings.warn(f"shardckpt: skipping save of step {step}: step {self._pending.step} is still uploading", stacklevel=2)
+                warnings.warn(
+                    f"shardckpt: skipping save of step {step}: step {self._pending.step} is still uploading",
+                    stacklevel=2,
+                )
                 return SaveHandle(step, None, SaveStats(step, self.rank, 0.0, 0))
             self.wait()
         started = time.perf_counter()
         if self.overlap:
             if not self._hooks:
-                raise RuntimeError("overlap=True needs the optimizer: call checkpointer.attach(optimizer) first")
+                raise RuntimeError(
+                    "overlap=True needs the optimizer: call checkpointer.attach(optimizer) first"
+                )
             staged, copied = self.staging.snapshot_async(state_dict)
             self._snapshot_wait = copied
         else:
@@ -233,7 +247,12 @@ class Checkpointer:
             wait()
 
     def _upload(
-        self, step: int, staged: dict[str, Any], copied: Callable[[], None], stats: SaveStats, started: float
+        self,
+        step: int,
+        staged: dict[str, Any],
+        copied: Callable[[], None],
+        stats: SaveStats,
+        started: float,
     ) -> None:
         copied()
         stats.snapshot_s = time.perf_counter() - started
@@ -243,11 +262,17 @@ class Checkpointer:
             self.store, layout, self.store.uri(step_name(step)), {"step": step}, self.writer_options
         )
         try:
-            dcp.save(staged, storage_writer=writer, planner=self._planner, process_group=self._group)
+            dcp.save(
+                staged, storage_writer=writer, planner=self._planner, process_group=self._group
+            )
         except CheckpointException as exc:
-            raise SaveFailedError(f"save of step {step} to {self.store.uri(step_name(step))} failed: {_describe(exc)}") from _first_cause(exc)
+            raise SaveFailedError(
+                f"save of step {step} to {self.store.uri(step_name(step))} failed: {_describe(exc)}"
+            ) from _first_cause(exc)
         except Exception as exc:
-            raise SaveFailedError(f"save of step {step} to {self.store.uri(step_name(step))} failed on rank {self.rank}: {exc}") from exc
+            raise SaveFailedError(
+                f"save of step {step} to {self.store.uri(step_name(step))} failed on rank {self.rank}: {exc}"
+            ) from exc
         if self.keep_last is not None and self.rank == 0:
             self._apply_retention()
         if isinstance(self.store, TieredStore):
@@ -256,7 +281,11 @@ class Checkpointer:
         stats.total_s, stats.upload_s = now - started, now - started - stats.snapshot_s
         stats.objects = len(writer.last_stream.objects) if writer.last_stream else 0
         spent = self.store.stats.copy() - before
-        stats.requests, stats.retries, stats.throttled = spent.requests, spent.retries, spent.throttled
+        stats.requests, stats.retries, stats.throttled = (
+            spent.requests,
+            spent.retries,
+            spent.throttled,
+        )
         self.history.append(stats)
         _log_stats("save", stats)
         if self.on_stats is not None:
@@ -300,7 +329,9 @@ class Checkpointer:
         elif not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         layout = Layout(step_name(step))
-        reader = ShardReader._for_checkpoint(self.store, layout, self.store.uri(step_name(step)), trusted=self.trusted)
+        reader = ShardReader._for_checkpoint(
+            self.store, layout, self.store.uri(step_name(step)), trusted=self.trusted
+        )
         reader.manifest = read_manifest(self.store, layout)
         check_state_dict(state_dict, reader.manifest.metadata, reader.uri)
         started, before = time.perf_counter(), self.store.stats.copy()
@@ -312,7 +343,15 @@ class Checkpointer:
                 raise cause from exc
             raise
         spent = self.store.stats.copy() - before
-        stats = LoadStats(step, self.rank, time.perf_counter() - started, spent.bytes_got, spent.requests, spent.retries, spent.throttled)
+        stats = LoadStats(
+            step,
+            self.rank,
+            time.perf_counter() - started,
+            spent.bytes_got,
+            spent.requests,
+            spent.retries,
+            spent.throttled,
+        )
         _log_stats("load", stats)
         if self.on_stats is not None:
             self.on_stats(stats)
@@ -326,14 +365,18 @@ class Checkpointer:
             for step in steps[: -self.keep_last]:
                 delete_checkpoint(self.store, Layout(step_name(step)))
         except Exception as exc:  # the checkpoint stays; gc can remove it later
-            warnings.warn(f"shardckpt: retention could not delete old checkpoints: {exc}", stacklevel=1)
+            warnings.warn(
+                f"shardckpt: retention could not delete old checkpoints: {exc}", stacklevel=1
+            )
 
     def gc(self, *, grace_s: float = 3600.0, dry_run: bool = False) -> GcReport | None:
         """Collect garbage under the root (rank 0 only; other ranks return None): data of
         failed saves older than ``grace_s``, unfinished uploads, checkpoints beyond keep_last."""
         if self.rank != 0:
             return None
-        return collect_garbage(self.store, grace_s=grace_s, keep_last=self.keep_last, dry_run=dry_run)
+        return collect_garbage(
+            self.store, grace_s=grace_s, keep_last=self.keep_last, dry_run=dry_run
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
     def close(self) -> None:
@@ -368,8 +411,11 @@ class Checkpointer:
         :meth:`preempted` at a step boundary, takes a final save and exits. (Saving inside a
         signal handler could start collectives at different steps on different ranks.)
         Call from the main thread."""
+
         def handler(signum: int, frame: Any) -> None:
-            logger.warning("shardckpt: SIGTERM received: the loop will save and stop at the next check")
+            logger.warning(
+                "shardckpt: SIGTERM received: the loop will save and stop at the next check"
+            )
             self._sigterm = True
 
         signal.signal(signal.SIGTERM, handler)
@@ -401,5 +447,6 @@ def _first_cause(exc: CheckpointException) -> BaseException:
 
 
 def _describe(exc: CheckpointException) -> str:
-    return "; ".join(f"rank {rank}: {type(e).__name__}: {e}" for rank, (e, _) in sorted(exc.failures.items()))
-
+    return "; ".join(
+        f"rank {rank}: {type(e).__name__}: {e}" for rank, (e, _) in sorted(exc.failures.items())
+    )

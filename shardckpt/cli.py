@@ -63,14 +63,20 @@ class _Progress:
         if self.enabled:
             width = 30
             filled = int(width * self.done / self.total)
-            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}")
+            sys.stderr.write(
+                f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}"
+            )
             if self.done >= self.total:
                 sys.stderr.write("\n")
             sys.stderr.flush()
 
 
 def _store(args: argparse.Namespace, uri: str) -> ObjectStore:
-    options = {k: getattr(args, k) for k in ("endpoint", "region", "profile", "transport") if getattr(args, k)}
+    options = {
+        k: getattr(args, k)
+        for k in ("endpoint", "region", "profile", "transport")
+        if getattr(args, k)
+    }
     return open_store(uri, **options)
 
 
@@ -85,7 +91,9 @@ def _checkpoint_layout(store: ObjectStore, step: int | None) -> Layout:
             raise CheckpointNotFoundError(f"no committed checkpoint at {store.uri()}")
         step = steps[-1]
     elif step not in steps:
-        raise CheckpointNotFoundError(f"no committed checkpoint for step {step} under {store.uri()}")
+        raise CheckpointNotFoundError(
+            f"no committed checkpoint for step {step} under {store.uri()}"
+        )
     return Layout(step_name(step))
 
 
@@ -115,10 +123,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'STEP':>10}  {'STATUS':<10}  {'SIZE':>10}  {'OBJECTS':>7}  {'WORLD':>5}  {'AGE':>5}  URI")
+    print(
+        f"{'STEP':>10}  {'STATUS':<10}  {'SIZE':>10}  {'OBJECTS':>7}  {'WORLD':>5}  {'AGE':>5}  URI"
+    )
     for r in rows:
         step = "-" if r["step"] is None else r["step"]
-        print(f"{step:>10}  {r['status']:<10}  {_size(r['bytes']):>10}  {r['objects']:>7}  {r['world_size']:>5}  {_age(r['age_s']):>5}  {r['uri']}")
+        print(
+            f"{step:>10}  {r['status']:<10}  {_size(r['bytes']):>10}  {r['objects']:>7}  {r['world_size']:>5}  {_age(r['age_s']):>5}  {r['uri']}"
+        )
     return 0
 
 
@@ -129,7 +141,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     md = manifest.metadata
     created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(manifest.created))
     print(f"checkpoint {store.uri(layout.prefix)}")
-    print(f"  format v{manifest.version}, world size {manifest.world_size}, created {created}, {_size(manifest.total_bytes)} in {len(manifest.objects)} objects")
+    print(
+        f"  format v{manifest.version}, world size {manifest.world_size}, created {created}, {_size(manifest.total_bytes)} in {len(manifest.objects)} objects"
+    )
     if manifest.attributes:
         print(f"  attributes {json.dumps(manifest.attributes)}")
     print(f"{'KEY':<50} {'DTYPE':<10} {'SHAPE':<20} {'CHUNKS':>6}")
@@ -155,7 +169,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     store = _store(args, args.uri)
-    report = collect_garbage(store, grace_s=args.grace, keep_last=args.keep_last, dry_run=args.dry_run)
+    report = collect_garbage(
+        store, grace_s=args.grace, keep_last=args.keep_last, dry_run=args.dry_run
+    )
     verb = "would delete" if args.dry_run else "deleted"
     for uri in report.retired_checkpoints:
         print(f"{verb} checkpoint {uri}")
@@ -173,13 +189,19 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     store = _store(args, args.uri)
     layout = _checkpoint_layout(store, args.step)
-    options = {k: getattr(args, k) for k in ("endpoint", "region", "profile", "transport") if getattr(args, k)}
+    options = {
+        k: getattr(args, k)
+        for k in ("endpoint", "region", "profile", "transport")
+        if getattr(args, k)
+    }
     state = load_single(store.uri(layout.prefix), trusted=args.trusted, **options)
     if args.out.endswith(".safetensors"):
         try:
             from safetensors.torch import save_file
         except ImportError:
-            raise ShardckptError("writing .safetensors needs the safetensors package: pip install safetensors") from None
+            raise ShardckptError(
+                "writing .safetensors needs the safetensors package: pip install safetensors"
+            ) from None
         flat = _flat_tensors(state)
         save_file({k: v.contiguous() for k, v in flat.items()}, args.out)
         print(f"wrote {len(flat)} tensors to {args.out}")
@@ -224,8 +246,12 @@ def cmd_cp(args: argparse.Namespace) -> int:
         try:  # the manifest last: the copy exists only once all its data does
             dst.put(manifest_key, [manifest_bytes], if_absent=not args.overwrite)
         except ObjectExistsError:
-            raise ShardckptError(f"{dst.uri(manifest_key)} already exists; pass --overwrite to replace it") from None
-        print(f"copied {src.uri(layout.prefix)} -> {dst.uri(layout.prefix)} ({_size(manifest.total_bytes)})")
+            raise ShardckptError(
+                f"{dst.uri(manifest_key)} already exists; pass --overwrite to replace it"
+            ) from None
+        print(
+            f"copied {src.uri(layout.prefix)} -> {dst.uri(layout.prefix)} ({_size(manifest.total_bytes)})"
+        )
     return 0
 
 
@@ -233,22 +259,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         from benchmarks.__main__ import main as bench_main
     except ImportError:
-        raise ShardckptError("the benchmark harness lives in the source checkout: run `shardckpt bench` from its root") from None
+        raise ShardckptError(
+            "the benchmark harness lives in the source checkout: run `shardckpt bench` from its root"
+        ) from None
     return int(bench_main(args.bench_args) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shardckpt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="shardckpt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS)")
-    common.add_argument("--region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION / us-east-1)")
+    common.add_argument(
+        "--endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS)"
+    )
+    common.add_argument(
+        "--region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION / us-east-1)"
+    )
     common.add_argument("--profile", help="AWS credentials profile")
-    common.add_argument("--transport", choices=["boto3", "crt"], help="S3 client for data (default: boto3)")
+    common.add_argument(
+        "--transport", choices=["boto3", "crt"], help="S3 client for data (default: boto3)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ls", parents=[common], help="list checkpoints under a URI")
     p.add_argument("uri")
-    p.add_argument("--all", action="store_true", help="also show incomplete (uncommitted) checkpoints")
+    p.add_argument(
+        "--all", action="store_true", help="also show incomplete (uncommitted) checkpoints"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_ls)
 
@@ -262,21 +300,38 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=8, help="parallel reads (verify)")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("gc", parents=[common], help="delete unreferenced data, stale uploads, old checkpoints")
+    p = sub.add_parser(
+        "gc", parents=[common], help="delete unreferenced data, stale uploads, old checkpoints"
+    )
     p.add_argument("uri")
     p.add_argument("--keep-last", type=int, help="also delete all but the newest N committed steps")
-    p.add_argument("--grace", type=_duration, default=3600.0, help="leave data younger than this (default 1h: saves in progress)")
+    p.add_argument(
+        "--grace",
+        type=_duration,
+        default=3600.0,
+        help="leave data younger than this (default 1h: saves in progress)",
+    )
     p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
     p.set_defaults(func=cmd_gc)
 
-    p = sub.add_parser("export", parents=[common], help="consolidate a checkpoint into one torch.save or .safetensors file")
+    p = sub.add_parser(
+        "export",
+        parents=[common],
+        help="consolidate a checkpoint into one torch.save or .safetensors file",
+    )
     p.add_argument("uri")
-    p.add_argument("out", help="output file; .safetensors for safetensors, anything else for torch.save")
+    p.add_argument(
+        "out", help="output file; .safetensors for safetensors, anything else for torch.save"
+    )
     p.add_argument("--step", type=int)
-    p.add_argument("--trusted", action="store_true", help="allow full unpickling of non-tensor values")
+    p.add_argument(
+        "--trusted", action="store_true", help="allow full unpickling of non-tensor values"
+    )
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("cp", parents=[common], help="copy committed checkpoints (data first, manifest last)")
+    p = sub.add_parser(
+        "cp", parents=[common], help="copy committed checkpoints (data first, manifest last)"
+    )
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--threads", type=int, default=8)
@@ -286,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_mirror_command(sub, parents=[common])
 
     p = sub.add_parser("bench", help="run the benchmark harness (from a source checkout)")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for python -m benchmarks")
+    p.add_argument(
+        "bench_args", nargs=argparse.REMAINDER, help="arguments for python -m benchmarks"
+    )
     p.set_defaults(func=cmd_bench)
     return parser
 

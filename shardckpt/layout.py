@@ -63,6 +63,11 @@ class Layout:
         """The store key of ``name`` from a manifest, refusing names that could leave the
         checkpoint (absolute, empty, '.' or '..' segments) or shadow its manifest."""
         parts = name.split("/")
-        if not name or any(p in ("", ".", "..") for p in parts) or name == MANIFEST_NAME or "\\" in name:
+        if (
+            not name
+            or any(p in ("", ".", "..") for p in parts)
+            or name == MANIFEST_NAME
+            or "\\" in name
+        ):
             raise ValueError(f"object name {name!r} is not inside the checkpoint")
         return self.key(name)

@@ -60,7 +60,9 @@ class StreamRecord:
             pos = offset + done
             index = pos // self.object_size
             if index >= len(self.objects):
-                raise ManifestError(f"rank {self.rank}'s stream has no byte {pos} (size {self.size})")
+                raise ManifestError(
+                    f"rank {self.rank}'s stream has no byte {pos} (size {self.size})"
+                )
             obj = self.objects[index]
             start = pos - index * self.object_size
             n = min(length - done, obj.size - start)
@@ -114,13 +116,27 @@ class Manifest:
             "dcp_version": md.version,
             **_encode_state_dict_metadata(md.state_dict_metadata),
             "planner_data": _encode_plain(md.planner_data),
-            "storage_meta": None if md.storage_meta is None else _encode_storage_meta(md.storage_meta),
+            "storage_meta": None
+            if md.storage_meta is None
+            else _encode_storage_meta(md.storage_meta),
             "items": [
-                [i.fqn, None if i.offset is None else list(i.offset), i.index, loc.rank, loc.offset, loc.length, loc.crc32c]
+                [
+                    i.fqn,
+                    None if i.offset is None else list(i.offset),
+                    i.index,
+                    loc.rank,
+                    loc.offset,
+                    loc.length,
+                    loc.crc32c,
+                ]
                 for i, loc in md.storage_data.items()
             ],
             "streams": [
-                {"rank": s.rank, "object_size": s.object_size, "objects": [[o.key, o.size, o.crc32c] for o in s.objects]}
+                {
+                    "rank": s.rank,
+                    "object_size": s.object_size,
+                    "objects": [[o.key, o.size, o.crc32c] for o in s.objects],
+                }
                 for s in self.streams.values()
             ],
         }
@@ -132,9 +148,13 @@ class Manifest:
         try:
             doc = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ManifestError(f"{uri} is not a shardckpt manifest: invalid JSON ({exc})") from None
+            raise ManifestError(
+                f"{uri} is not a shardckpt manifest: invalid JSON ({exc})"
+            ) from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise ManifestError(f"{uri} is not a shardckpt manifest (no 'format': '{FORMAT}' field)")
+            raise ManifestError(
+                f"{uri} is not a shardckpt manifest (no 'format': '{FORMAT}' field)"
+            )
         version = doc.get("version")
         if version != FORMAT_VERSION:
             raise ManifestError(
@@ -151,22 +171,36 @@ class Manifest:
                 for s in doc["streams"]
             }
             locations = {
-                MetadataIndex(fqn, None if off is None else torch.Size(off), idx): ItemLocation(r, o, n, c)
+                MetadataIndex(fqn, None if off is None else torch.Size(off), idx): ItemLocation(
+                    r, o, n, c
+                )
                 for fqn, off, idx, r, o, n, c in doc["items"]
             }
             metadata = Metadata(
                 state_dict_metadata=_decode_state_dict_metadata(doc),
                 planner_data=_decode_plain(doc["planner_data"]),
                 storage_data=locations,
-                storage_meta=None if doc["storage_meta"] is None else StorageMeta(**doc["storage_meta"]),
+                storage_meta=None
+                if doc["storage_meta"] is None
+                else StorageMeta(**doc["storage_meta"]),
                 version=doc["dcp_version"],
             )
-            manifest = cls(metadata, streams, int(doc["world_size"]), float(doc["created"]), dict(doc["attributes"]))
+            manifest = cls(
+                metadata,
+                streams,
+                int(doc["world_size"]),
+                float(doc["created"]),
+                dict(doc["attributes"]),
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ManifestError(f"{uri} is a corrupt manifest: {type(exc).__name__}: {exc}") from None
+            raise ManifestError(
+                f"{uri} is a corrupt manifest: {type(exc).__name__}: {exc}"
+            ) from None
         for loc in locations.values():
             if loc.rank not in streams:
-                raise ManifestError(f"{uri} is a corrupt manifest: an item refers to rank {loc.rank}, which wrote nothing")
+                raise ManifestError(
+                    f"{uri} is a corrupt manifest: an item refers to rank {loc.rank}, which wrote nothing"
+                )
         return manifest
 
 
@@ -185,7 +219,13 @@ def _encode_state_dict_metadata(items: dict[str, Any]) -> dict[str, Any]:
             tensors[fqn] = "bytes"
             continue
         p = md.properties
-        key = (_name(p.dtype), _name(p.layout), p.requires_grad, _name(p.memory_format), p.pin_memory)
+        key = (
+            _name(p.dtype),
+            _name(p.layout),
+            p.requires_grad,
+            _name(p.memory_format),
+            p.pin_memory,
+        )
         index = props.setdefault(key, len(props))
         tensors[fqn] = [index, list(md.size), [[list(c.offsets), list(c.sizes)] for c in md.chunks]]
     return {"props": [list(k) for k in props], "tensors": tensors}
@@ -199,7 +239,9 @@ def _torch_attr(name: str, kind: type) -> Any:
     return value
 
 
-def _decode_state_dict_metadata(doc: dict[str, Any]) -> dict[str, TensorStorageMetadata | BytesStorageMetadata]:
+def _decode_state_dict_metadata(
+    doc: dict[str, Any],
+) -> dict[str, TensorStorageMetadata | BytesStorageMetadata]:
     props = [
         TensorProperties(
             dtype=_torch_attr(dtype, torch.dtype),
@@ -243,7 +285,11 @@ def _encode_storage_meta(meta: StorageMeta) -> dict[str, Any]:
 def _encode_plain(value: Any) -> Any:
     """JSON for planner data: plain values, lists, str-keyed dicts; tuples are tagged. DCP's
     own planner data, a map of keys to paths (tuples), gets one compact tag."""
-    if isinstance(value, dict) and value and all(isinstance(k, str) and _is_path(v) for k, v in value.items()):
+    if (
+        isinstance(value, dict)
+        and value
+        and all(isinstance(k, str) and _is_path(v) for k, v in value.items())
+    ):
         return {"__paths__": {k: list(v) for k, v in value.items()}}
     if value is None or isinstance(value, bool | int | float | str):
         return value
@@ -269,4 +315,6 @@ def _decode_plain(value: Any) -> Any:
 
 
 def _is_path(value: Any) -> bool:
-    return isinstance(value, tuple) and all(isinstance(p, str | int) and not isinstance(p, bool) for p in value)
+    return isinstance(value, tuple) and all(
+        isinstance(p, str | int) and not isinstance(p, bool) for p in value
+    )

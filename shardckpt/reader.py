@@ -63,7 +63,9 @@ def read_manifest(store: ObjectStore, layout: Layout) -> Manifest:
         try:
             layout.resolve(obj.key)
         except ValueError:
-            raise ManifestError(f"{store.uri(key)} names object {obj.key!r}, outside its checkpoint") from None
+            raise ManifestError(
+                f"{store.uri(key)} names object {obj.key!r}, outside its checkpoint"
+            ) from None
     return manifest
 
 
@@ -85,7 +87,14 @@ class ShardReader(StorageReader):
     ``torch.load(weights_only=True)``; True allows full unpickling, for checkpoints you
     trust), and the store options (``endpoint``, ``region``, ...)."""
 
-    def __init__(self, uri: str | os.PathLike[str], *, num_threads: int = 8, trusted: bool = False, **store_options: Any) -> None:
+    def __init__(
+        self,
+        uri: str | os.PathLike[str],
+        *,
+        num_threads: int = 8,
+        trusted: bool = False,
+        **store_options: Any,
+    ) -> None:
         super().__init__()
         parse_uri(uri)
         self.uri = os.fspath(uri)
@@ -97,7 +106,9 @@ class ShardReader(StorageReader):
         self.manifest: Manifest | None = None
 
     @classmethod
-    def _for_checkpoint(cls, store: ObjectStore, layout: Layout, uri: str, **options: Any) -> ShardReader:
+    def _for_checkpoint(
+        cls, store: ObjectStore, layout: Layout, uri: str, **options: Any
+    ) -> ShardReader:
         reader = cls(uri, **options)
         reader._store, reader._layout = store, layout
         return reader
@@ -122,7 +133,9 @@ class ShardReader(StorageReader):
             self.manifest = read_manifest(self.store, self._layout)
         return self.manifest.metadata
 
-    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
         if self.manifest is None or self.manifest.metadata is not metadata:
             self.read_metadata()
 
@@ -145,7 +158,10 @@ class ShardReader(StorageReader):
         # Several items may need the same stored chunk (resharding): fetch it once, and
         # then never straight into one of their targets.
         needed = Counter(item.storage_index for item in plan.items)
-        destinations = [self._destination(item, planner, direct_ok=needed[item.storage_index] == 1) for item in plan.items]
+        destinations = [
+            self._destination(item, planner, direct_ok=needed[item.storage_index] == 1)
+            for item in plan.items
+        ]
         unique = {dest.item.storage_index: dest for dest in destinations}
         self._fetch(list(unique.values()))
         for dest in destinations:
@@ -156,14 +172,20 @@ class ShardReader(StorageReader):
         return future
 
     # -- the data path ----------------------------------------------------------------------
-    def _destination(self, item: ReadItem, planner: LoadPlanner, *, direct_ok: bool) -> _Destination:
+    def _destination(
+        self, item: ReadItem, planner: LoadPlanner, *, direct_ok: bool
+    ) -> _Destination:
         assert self.manifest is not None
         location = self.manifest.locations.get(item.storage_index)
         if location is None:
-            raise ManifestError(f"{self.store.uri(self._layout.manifest_key)} has no location for {item.storage_index.fqn}")
+            raise ManifestError(
+                f"{self.store.uri(self._layout.manifest_key)} has no location for {item.storage_index.fqn}"
+            )
         if item.type == LoadItemType.TENSOR:
             target = planner.resolve_tensor(item).detach()
-            if direct_ok and _fills_whole(target, item, location, self._chunk_shape(item.storage_index)):
+            if direct_ok and _fills_whole(
+                target, item, location, self._chunk_shape(item.storage_index)
+            ):
                 return _Destination(item, location, byte_view_of(target), target, direct=True)
             return _Destination(item, location, empty_bytes(location.length), target)
         return _Destination(item, location, empty_bytes(location.length))
@@ -186,15 +208,26 @@ class ShardReader(StorageReader):
             stream: StreamRecord = self.manifest.streams[dest.location.rank]
             dest.pieces = stream.pieces(dest.location.offset, dest.location.length)
             for obj, start, length, at in dest.pieces:
-                per_object[self._layout.resolve(obj.key)].append((start, dest.buffer[at : at + length]))
+                per_object[self._layout.resolve(obj.key)].append(
+                    (start, dest.buffer[at : at + length])
+                )
         requests = [r for key, ranges in per_object.items() for r in _coalesce(key, ranges)]
         with ThreadPoolExecutor(self.num_threads, thread_name_prefix="shardckpt-read") as pool:
             list(pool.map(lambda r: self.store.get_into(*r), requests))
             buffers = [d.buffer for d in destinations]
-            checksums = [c for part in pool.map(crc32c_of, [buffers[r.start : r.stop] for r in batches(buffers)]) for c in part]
+            checksums = [
+                c
+                for part in pool.map(
+                    crc32c_of, [buffers[r.start : r.stop] for r in batches(buffers)]
+                )
+                for c in part
+            ]
         for dest, checksum in zip(destinations, checksums, strict=True):
             if checksum != dest.location.crc32c:
-                where = ", ".join(f"{self.store.uri(self._layout.resolve(o.key))} bytes {s}-{s + n - 1}" for o, s, n, _ in dest.pieces)
+                where = ", ".join(
+                    f"{self.store.uri(self._layout.resolve(o.key))} bytes {s}-{s + n - 1}"
+                    for o, s, n, _ in dest.pieces
+                )
                 raise ChecksumMismatchError(
                     f"CRC32C mismatch for {dest.item.storage_index.fqn} ({where}): "
                     f"expected {dest.location.crc32c:#010x}, read {checksum:#010x}; the object is corrupt"
@@ -213,7 +246,11 @@ class ShardReader(StorageReader):
             assert self.manifest is not None
             md = self.manifest.metadata.state_dict_metadata[item.storage_index.fqn]
             assert isinstance(md, TensorStorageMetadata)
-            stored = torch.frombuffer(dest.buffer, dtype=md.properties.dtype) if len(dest.buffer) else torch.empty(0, dtype=md.properties.dtype)
+            stored = (
+                torch.frombuffer(dest.buffer, dtype=md.properties.dtype)
+                if len(dest.buffer)
+                else torch.empty(0, dtype=md.properties.dtype)
+            )
             stored = stored.reshape(self._chunk_shape(item.storage_index))
             narrowed = narrow_tensor_by_index(stored, item.storage_offsets, item.lengths)
             if narrowed.shape != dest.target.shape:
@@ -224,7 +261,9 @@ class ShardReader(StorageReader):
         planner.commit_tensor(item, dest.target)
 
 
-def _fills_whole(target: torch.Tensor, item: ReadItem, location: ItemLocation, chunk_shape: torch.Size) -> bool:
+def _fills_whole(
+    target: torch.Tensor, item: ReadItem, location: ItemLocation, chunk_shape: torch.Size
+) -> bool:
     """Whether the stored chunk can be read straight into ``target``'s memory."""
     return (
         target.device.type == "cpu"
@@ -236,7 +275,9 @@ def _fills_whole(target: torch.Tensor, item: ReadItem, location: ItemLocation, c
     )
 
 
-def _coalesce(key: str, ranges: list[tuple[int, memoryview]]) -> list[tuple[str, int, list[memoryview]]]:
+def _coalesce(
+    key: str, ranges: list[tuple[int, memoryview]]
+) -> list[tuple[str, int, list[memoryview]]]:
     """Turn (offset, view) ranges of one object into few (key, offset, views) requests:
     neighbours closer than ``_COALESCE_GAP`` share a GET, the gap read into scratch."""
     ranges.sort(key=lambda r: r[0])
@@ -264,7 +305,10 @@ def check_state_dict(state_dict: dict[str, Any], metadata: Metadata, uri: str) -
     shapes = [
         f"{k}: saved {list(saved[k].size)}, given {list(v.shape)}"
         for k, v in flat.items()
-        if k in saved and isinstance(v, torch.Tensor) and isinstance(saved[k], TensorStorageMetadata) and saved[k].size != v.shape
+        if k in saved
+        and isinstance(v, torch.Tensor)
+        and isinstance(saved[k], TensorStorageMetadata)
+        and saved[k].size != v.shape
     ]
     problems = []
     if missing:

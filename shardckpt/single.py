@@ -22,13 +22,19 @@ _WRAPPED = "__shardckpt_object__"
 def save(obj: Any, uri: str | os.PathLike[str], **options: Any) -> None:
     """Save ``obj`` (a state dict, or any tensor / nested container of tensors and picklable
     values) to ``uri`` as one checkpoint. Options as for :class:`ShardWriter`."""
-    state = obj if isinstance(obj, dict) and all(isinstance(k, str) for k in obj) and obj else {_WRAPPED: obj}
+    state = (
+        obj
+        if isinstance(obj, dict) and all(isinstance(k, str) for k in obj) and obj
+        else {_WRAPPED: obj}
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(state, storage_writer=ShardWriter(uri, **options), no_dist=True)
 
 
-def load(uri: str | os.PathLike[str], *, map_location: str | torch.device | None = None, **options: Any) -> Any:
+def load(
+    uri: str | os.PathLike[str], *, map_location: str | torch.device | None = None, **options: Any
+) -> Any:
     """Load what :func:`save` wrote (or any shardckpt checkpoint, consolidated into one
     process). ``map_location`` moves every tensor to that device. Options as for
     :class:`ShardReader` (``trusted``, ``endpoint``, ...)."""
@@ -37,7 +43,12 @@ def load(uri: str | os.PathLike[str], *, map_location: str | torch.device | None
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         # dcp.load fills only keys the caller's dict already has; DCP's own consolidation
         # (format_utils.dcp_to_torch_save) uses this entry point to load everything.
-        _load_state_dict(state, storage_reader=ShardReader(uri, **options), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+        _load_state_dict(
+            state,
+            storage_reader=ShardReader(uri, **options),
+            planner=_EmptyStateDictLoadPlanner(),
+            no_dist=True,
+        )
     if map_location is not None:
         state = _move(state, torch.device(map_location))
     return state[_WRAPPED] if set(state) == {_WRAPPED} else state

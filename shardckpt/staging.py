@@ -97,7 +97,13 @@ class HostStaging:
             event.record(stream)
         return event
 
-    def _stage_tree(self, value: Any, path: Path, seen: set[Path], copies: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    def _stage_tree(
+        self,
+        value: Any,
+        path: Path,
+        seen: set[Path],
+        copies: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> Any:
         if isinstance(value, DTensor):
             local = self._stage_tensor(value.to_local(), path, seen, copies)
             return DTensor(local, value._spec, requires_grad=False)
@@ -106,15 +112,23 @@ class HostStaging:
         if isinstance(value, dict):
             return {k: self._stage_tree(v, (*path, k), seen, copies) for k, v in value.items()}
         if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
-            return type(value)(self._stage_tree(v, (*path, i), seen, copies) for i, v in enumerate(value))
+            return type(value)(
+                self._stage_tree(v, (*path, i), seen, copies) for i, v in enumerate(value)
+            )
         try:
             return copy.deepcopy(value)  # non-tensor values may be mutated by training later
         except Exception as exc:
             where = ".".join(map(str, path)) or "the state dict"
-            raise SaveFailedError(f"{where!r} cannot be copied for the snapshot: {type(exc).__name__}: {exc}") from exc
+            raise SaveFailedError(
+                f"{where!r} cannot be copied for the snapshot: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def _stage_tensor(
-        self, tensor: torch.Tensor, path: Path, seen: set[Path], copies: list[tuple[torch.Tensor, torch.Tensor]]
+        self,
+        tensor: torch.Tensor,
+        path: Path,
+        seen: set[Path],
+        copies: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         seen.add(path)
         buffer = self._buffers.get(path)

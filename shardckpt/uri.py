@@ -66,4 +66,6 @@ def parse_uri(uri: str | os.PathLike[str]) -> Location:
         if not parsed.path.startswith("/"):
             raise InvalidURIError(f"file URI must be absolute: {text!r}")
         return Location("file", os.path.normpath(parsed.path))
-    raise InvalidURIError(f"unknown URI scheme {scheme!r} in {text!r}: use s3://, file:// or a path")
+    raise InvalidURIError(
+        f"unknown URI scheme {scheme!r} in {text!r}: use s3://, file:// or a path"
+    )

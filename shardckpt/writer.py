@@ -95,7 +95,12 @@ class ShardWriter(StorageWriter):
 
     @classmethod
     def _for_checkpoint(
-        cls, store: ObjectStore, layout: Layout, uri: str, attributes: dict[str, Any], options: WriterOptions
+        cls,
+        store: ObjectStore,
+        layout: Layout,
+        uri: str,
+        attributes: dict[str, Any],
+        options: WriterOptions,
     ) -> ShardWriter:
         """A writer for one checkpoint of a :class:`Checkpointer`, sharing its store."""
         writer = cls.__new__(cls)
@@ -129,9 +134,17 @@ class ShardWriter(StorageWriter):
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
-        self.rank = int(kwargs.get("rank", dist.get_rank() if dist.is_available() and dist.is_initialized() else 0))
+        self.rank = int(
+            kwargs.get(
+                "rank", dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            )
+        )
         self.attempt = new_attempt_id()
-        if is_coordinator and not self.options.overwrite and self.store.head(self._layout.manifest_key) is not None:
+        if (
+            is_coordinator
+            and not self.options.overwrite
+            and self.store.head(self._layout.manifest_key) is not None
+        ):
             # Fail before any rank uploads gigabytes; finish() re-checks atomically.
             raise CheckpointExistsError(
                 f"{self.store.uri(self._layout.manifest_key)} already exists; pass overwrite=True to replace it"
@@ -154,7 +167,9 @@ class ShardWriter(StorageWriter):
             return False
         return True
 
-    def write_data(self, plan: SavePlan, planner: SavePlanner) -> torch.futures.Future[list[WriteResult]]:
+    def write_data(
+        self, plan: SavePlan, planner: SavePlanner
+    ) -> torch.futures.Future[list[WriteResult]]:
         buffers: list[tuple[MetadataIndex, memoryview]] = []
         for item in plan.items:
             try:
@@ -182,7 +197,9 @@ class ShardWriter(StorageWriter):
                 else:
                     locations[wr.index] = wr.storage_data
         metadata.storage_data = locations
-        manifest = Manifest(metadata, streams, world_size=len(results), attributes=dict(self._attributes))
+        manifest = Manifest(
+            metadata, streams, world_size=len(results), attributes=dict(self._attributes)
+        )
         commit(self.store, self._layout, manifest, overwrite=self.options.overwrite)
         self.last_manifest = manifest
 
@@ -199,10 +216,17 @@ class ShardWriter(StorageWriter):
         count = -(-total // object_size)
         names = [self._layout.data_name(self.attempt, self.rank, i) for i in range(count)]
         started = time.perf_counter()
-        with ThreadPoolExecutor(self.options.num_threads, thread_name_prefix="shardckpt-upload") as pool:
+        with ThreadPoolExecutor(
+            self.options.num_threads, thread_name_prefix="shardckpt-upload"
+        ) as pool:
 
             def upload(index: int) -> ObjectRecord:
-                segments = slice_views(views, index * object_size, min(object_size, total - index * object_size), offsets)
+                segments = slice_views(
+                    views,
+                    index * object_size,
+                    min(object_size, total - index * object_size),
+                    offsets,
+                )
                 checksum = crc32c(segments)
                 self.store.put(self._layout.key(names[index]), segments)
                 return ObjectRecord(names[index], sum(len(s) for s in segments), checksum)
@@ -214,7 +238,9 @@ class ShardWriter(StorageWriter):
             done = gather([*uploads, *sums])
             objects, checksums = tuple(done[:count]), [c for part in done[count:] for c in part]
         elapsed = time.perf_counter() - started
-        logger.debug("rank %d wrote %d bytes in %d objects in %.3fs", self.rank, total, count, elapsed)
+        logger.debug(
+            "rank %d wrote %d bytes in %d objects in %.3fs", self.rank, total, count, elapsed
+        )
         results = [
             WriteResult(index, len(view), ItemLocation(self.rank, off, len(view), crc))
             for (index, view), off, crc in zip(buffers, offsets, checksums, strict=True)
@@ -234,7 +260,9 @@ def commit(store: ObjectStore, layout: Layout, manifest: Manifest, *, overwrite:
     except ObjectExistsError:
         if _stored_manifest(store, key) == data:
             # Our first attempt was stored but its reply was lost; the retry found it.
-            logger.info("%s: the commit's reply was lost, but the stored manifest is ours", store.uri(key))
+            logger.info(
+                "%s: the commit's reply was lost, but the stored manifest is ours", store.uri(key)
+            )
         else:
             raise CheckpointExistsError(
                 f"{store.uri(key)} already exists (another writer committed first); "

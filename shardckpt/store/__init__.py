@@ -40,4 +40,12 @@ def open_store(uri: str | os.PathLike[str] | Location, **options: object) -> Obj
     return BotoS3Store(location.bucket, location.prefix, config)
 
 
-__all__ = ["ObjectInfo", "ObjectStore", "PendingUpload", "LocalStore", "RetryPolicy", "S3Config", "open_store"]
+__all__ = [
+    "ObjectInfo",
+    "ObjectStore",
+    "PendingUpload",
+    "LocalStore",
+    "RetryPolicy",
+    "S3Config",
+    "open_store",
+]

@@ -59,7 +59,9 @@ class StoreStats:
 
     def copy(self) -> StoreStats:
         with self._lock:
-            return StoreStats(self.requests, self.retries, self.throttled, self.bytes_put, self.bytes_got)
+            return StoreStats(
+                self.requests, self.retries, self.throttled, self.bytes_put, self.bytes_got
+            )
 
     def __sub__(self, other: StoreStats) -> StoreStats:
         return StoreStats(

@@ -67,7 +67,9 @@ class LocalStore:
                 try:
                     os.link(tmp, path)
                 except FileExistsError:
-                    raise ObjectExistsError(f"{self.uri(key)} already exists", self.uri(key)) from None
+                    raise ObjectExistsError(
+                        f"{self.uri(key)} already exists", self.uri(key)
+                    ) from None
             else:
                 os.replace(tmp, path)
         except OSError as exc:
@@ -124,7 +126,11 @@ class LocalStore:
                     yield key, os.stat(os.path.join(dirpath, name))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        found = [ObjectInfo(k, st.st_size, st.st_mtime) for k, st in self._walk(prefix) if _TMP_MARK not in k]
+        found = [
+            ObjectInfo(k, st.st_size, st.st_mtime)
+            for k, st in self._walk(prefix)
+            if _TMP_MARK not in k
+        ]
         return iter(sorted(found, key=lambda o: o.key))
 
     def list_prefixes(self, prefix: str = "") -> list[str]:

@@ -37,7 +37,12 @@ class RetryPolicy:
     max_delay: float = 5.0
     deadline: float | None = 300.0
 
-    def run(self, what: str, fn: Callable[[], T], on_retry: Callable[[TransientError], None] | None = None) -> T:
+    def run(
+        self,
+        what: str,
+        fn: Callable[[], T],
+        on_retry: Callable[[TransientError], None] | None = None,
+    ) -> T:
         """Call ``fn`` until it returns or raises a non-transient error.
 
         ``what`` names the operation and object for the final error message.
@@ -56,6 +61,8 @@ class RetryPolicy:
                     raise RetriesExhaustedError(
                         f"{what}: gave up after {attempt + 1} attempts in {elapsed:.1f}s: {exc}"
                     ) from exc
-                logger.debug("%s: attempt %d failed (%s); retrying in %.2fs", what, attempt + 1, exc, delay)
+                logger.debug(
+                    "%s: attempt %d failed (%s); retrying in %.2fs", what, attempt + 1, exc, delay
+                )
                 time.sleep(delay)
         raise AssertionError("unreachable")

@@ -45,7 +45,14 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _NOT_FOUND = {"NoSuchKey", "NotFound", "404"}
-_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "403"}
+_DENIED = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "403",
+}
 _EXISTS = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
 _THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "503"}
 _TRANSIENT_NET = (
@@ -142,7 +149,9 @@ class BotoS3Store:
         # 412/403), botocore mis-parses the next such response on that pooled connection,
         # which stalls for read_timeout and then retries (boto/botocore#3755).
         self._client.meta.events.unregister("before-call.s3", botocore.handlers.add_expect_header)
-        self._parts_pool = ThreadPoolExecutor(config.max_concurrency, thread_name_prefix="shardckpt-part")
+        self._parts_pool = ThreadPoolExecutor(
+            config.max_concurrency, thread_name_prefix="shardckpt-part"
+        )
         self.stats = StoreStats()
 
     # -- naming -----------------------------------------------------------------------
@@ -181,7 +190,11 @@ class BotoS3Store:
                 "PUT",
                 self.uri(key),
                 lambda: self._client.put_object(
-                    Bucket=self.bucket, Key=self._key(key), Body=BufferChain(views), ContentLength=size, **extra
+                    Bucket=self.bucket,
+                    Key=self._key(key),
+                    Body=BufferChain(views),
+                    ContentLength=size,
+                    **extra,
                 ),
             )
             return
@@ -190,7 +203,9 @@ class BotoS3Store:
     def _put_multipart(self, key: str, views: list[memoryview], size: int) -> None:
         uri, full = self.uri(key), self._key(key)
         upload_id = self._call(
-            "CreateMultipartUpload", uri, lambda: self._client.create_multipart_upload(Bucket=self.bucket, Key=full)
+            "CreateMultipartUpload",
+            uri,
+            lambda: self._client.create_multipart_upload(Bucket=self.bucket, Key=full),
         )["UploadId"]
         part_size = self.config.part_size_for(size)
         try:
@@ -219,7 +234,10 @@ class BotoS3Store:
                 "CompleteMultipartUpload",
                 uri,
                 lambda: self._client.complete_multipart_upload(
-                    Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                    Bucket=self.bucket,
+                    Key=full,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
                 ),
             )
         except BaseException:
@@ -239,7 +257,9 @@ class BotoS3Store:
 
         def fetch() -> None:
             reply = self._client.get_object(
-                Bucket=self.bucket, Key=self._key(key), Range=f"bytes={offset}-{offset + length - 1}"
+                Bucket=self.bucket,
+                Key=self._key(key),
+                Range=f"bytes={offset}-{offset + length - 1}",
             )
             raw = reply["Body"]._raw_stream  # urllib3 response: readinto without extra copies
             try:
@@ -249,7 +269,9 @@ class BotoS3Store:
                     while got < len(view):
                         n = raw.readinto(view[got:])
                         if not n:
-                            raise ChecksumMismatchError(f"{uri} is truncated: ended before byte {pos + got}", uri)
+                            raise ChecksumMismatchError(
+                                f"{uri} is truncated: ended before byte {pos + got}", uri
+                            )
                         got += n
                     pos += got
             finally:
@@ -267,7 +289,9 @@ class BotoS3Store:
     def head(self, key: str) -> ObjectInfo | None:
         try:
             reply = self._call(
-                "HEAD", self.uri(key), lambda: self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+                "HEAD",
+                self.uri(key),
+                lambda: self._client.head_object(Bucket=self.bucket, Key=self._key(key)),
             )
         except ObjectNotFoundError:
             return None
@@ -279,10 +303,14 @@ class BotoS3Store:
             page = self._call(
                 "LIST",
                 self.uri(prefix),
-                lambda t=token: self._client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(prefix), **t),
+                lambda t=token: self._client.list_objects_v2(
+                    Bucket=self.bucket, Prefix=self._key(prefix), **t
+                ),
             )
             for item in page.get("Contents", []):
-                yield ObjectInfo(self._rel(item["Key"]), item["Size"], item["LastModified"].timestamp())
+                yield ObjectInfo(
+                    self._rel(item["Key"]), item["Size"], item["LastModified"].timestamp()
+                )
             if not page.get("IsTruncated"):
                 return
             token = {"ContinuationToken": page["NextContinuationToken"]}
@@ -309,7 +337,9 @@ class BotoS3Store:
             reply = self._call(
                 "DELETE",
                 self.uri(keys[i]),
-                lambda b=batch: self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": b, "Quiet": True}),
+                lambda b=batch: self._client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": b, "Quiet": True}
+                ),
             )
             errors = [e for e in reply.get("Errors", []) if e.get("Code") != "NoSuchKey"]
             if errors:
@@ -328,13 +358,20 @@ class BotoS3Store:
             page = self._call(
                 "ListMultipartUploads",
                 self.uri(prefix),
-                lambda m=marker: self._client.list_multipart_uploads(Bucket=self.bucket, Prefix=self._key(prefix), **m),
+                lambda m=marker: self._client.list_multipart_uploads(
+                    Bucket=self.bucket, Prefix=self._key(prefix), **m
+                ),
             )
             for up in page.get("Uploads", []):
-                yield PendingUpload(self._rel(up["Key"]), up["UploadId"], up["Initiated"].timestamp())
+                yield PendingUpload(
+                    self._rel(up["Key"]), up["UploadId"], up["Initiated"].timestamp()
+                )
             if not page.get("IsTruncated"):
                 return
-            marker = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+            marker = {
+                "KeyMarker": page["NextKeyMarker"],
+                "UploadIdMarker": page["NextUploadIdMarker"],
+            }
 
     def abort_upload(self, upload: PendingUpload) -> None:
         self._call(
@@ -364,17 +401,23 @@ def _translate(exc: Exception, uri: str) -> Exception:
         if code in _NOT_FOUND:
             return ObjectNotFoundError(f"{uri} does not exist", uri)
         if code in _DENIED:
-            return AccessDeniedError(f"{uri}: access denied, check credentials and permissions ({text})", uri)
+            return AccessDeniedError(
+                f"{uri}: access denied, check credentials and permissions ({text})", uri
+            )
         if code in _EXISTS:
             return ObjectExistsError(f"{uri} already exists", uri)
         if code == "InvalidRange":
             return ChecksumMismatchError(f"{uri} is shorter than the requested range ({text})", uri)
         if code in _THROTTLED or status >= 500 or code in ("InternalError", "RequestTimeout"):
-            return TransientError(f"{text} (HTTP {status})", throttled=code in _THROTTLED or status == 503)
+            return TransientError(
+                f"{text} (HTTP {status})", throttled=code in _THROTTLED or status == 503
+            )
         return StoreError(f"{uri}: {text} (HTTP {status})", uri)
     if isinstance(exc, botocore.exceptions.EndpointConnectionError):
         return EndpointUnreachableError(f"{uri}: cannot reach the S3 endpoint ({exc})", uri)
-    if isinstance(exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError):
+    if isinstance(
+        exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError
+    ):
         return AccessDeniedError(f"{uri}: no usable AWS credentials found ({exc})", uri)
     if isinstance(exc, _TRANSIENT_NET):
         return TransientError(f"{type(exc).__name__}: {exc}")

@@ -46,13 +46,25 @@ class S3Config:
         if self.transport not in ("boto3", "crt"):
             raise ValueError(f"unknown S3 transport {self.transport!r}: use 'boto3' or 'crt'")
         if self.part_size < MIN_PART:
-            raise ValueError(f"part_size must be at least 5 MiB (S3's minimum), got {self.part_size}")
+            raise ValueError(
+                f"part_size must be at least 5 MiB (S3's minimum), got {self.part_size}"
+            )
 
     def resolved_endpoint(self) -> str | None:
-        return self.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+        return (
+            self.endpoint
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+            or None
+        )
 
     def resolved_region(self) -> str:
-        return self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return (
+            self.region
+            or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION")
+            or "us-east-1"
+        )
 
     def part_size_for(self, size: int) -> int:
         """The part size for an object of ``size`` bytes: at least ``part_size``, and large

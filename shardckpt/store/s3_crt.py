@@ -107,24 +107,46 @@ class CrtS3Store(BotoS3Store):
         self._crt_call("GET", uri, fetch)
 
     def get(self, key: str) -> bytes:
-        return self._crt_call("GET", self.uri(key), lambda: b"".join(self._native.get_object(self.bucket, self._key(key))))
+        return self._crt_call(
+            "GET",
+            self.uri(key),
+            lambda: b"".join(self._native.get_object(self.bucket, self._key(key))),
+        )
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
-            reply = self._crt_call("HEAD", self.uri(key), lambda: self._native.head_object(self.bucket, self._key(key)))
+            reply = self._crt_call(
+                "HEAD", self.uri(key), lambda: self._native.head_object(self.bucket, self._key(key))
+            )
         except ObjectNotFoundError:
             return None
-        return ObjectInfo(key, reply.size, reply.last_modified / 1000 if reply.last_modified > 1e11 else reply.last_modified)
+        return ObjectInfo(
+            key,
+            reply.size,
+            reply.last_modified / 1000 if reply.last_modified > 1e11 else reply.last_modified,
+        )
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        pages = self._crt_call("LIST", self.uri(prefix), lambda: list(self._native.list_objects(self.bucket, self._key(prefix))))
-        found = [ObjectInfo(self._rel(o.key), o.size, float(o.last_modified)) for page in pages for o in page.object_info]
+        pages = self._crt_call(
+            "LIST",
+            self.uri(prefix),
+            lambda: list(self._native.list_objects(self.bucket, self._key(prefix))),
+        )
+        found = [
+            ObjectInfo(self._rel(o.key), o.size, float(o.last_modified))
+            for page in pages
+            for o in page.object_info
+        ]
         return iter(sorted(found, key=lambda o: o.key))
 
     def delete(self, keys: Sequence[str]) -> None:
         for key in keys:
             try:
-                self._crt_call("DELETE", self.uri(key), lambda k=key: self._native.delete_object(self.bucket, self._key(k)))
+                self._crt_call(
+                    "DELETE",
+                    self.uri(key),
+                    lambda k=key: self._native.delete_object(self.bucket, self._key(k)),
+                )
             except ObjectNotFoundError:
                 pass
 
@@ -138,13 +160,36 @@ def _translate_crt(exc: S3Exception, uri: str) -> Exception:
         return ObjectNotFoundError(f"{uri} does not exist", uri)
     if "invalidrange" in lower or "response_status: 416" in lower:
         return ChecksumMismatchError(f"{uri} is shorter than the requested range ({text})", uri)
-    if any(s in lower for s in ("forbidden", "accessdenied", "access denied", "invalidaccesskeyid", "signaturedoesnotmatch", "403")):
-        return AccessDeniedError(f"{uri}: access denied, check credentials and permissions ({text})", uri)
+    if any(
+        s in lower
+        for s in (
+            "forbidden",
+            "accessdenied",
+            "access denied",
+            "invalidaccesskeyid",
+            "signaturedoesnotmatch",
+            "403",
+        )
+    ):
+        return AccessDeniedError(
+            f"{uri}: access denied, check credentials and permissions ({text})", uri
+        )
     if any(s in lower for s in ("connection_refused", "dns", "host_not_found", "no route")):
         return EndpointUnreachableError(f"{uri}: cannot reach the S3 endpoint ({text})", uri)
     if any(s in lower for s in ("slowdown", "throttl", "503")):
         return TransientError(text, throttled=True)
     # The CRT names a 500 "AWS_ERROR_S3_INTERNAL_ERROR ... internal server error", without the code.
-    if any(s in lower for s in ("500", "internalerror", "internal_error", "timeout", "reset", "closed", "broken pipe")):
+    if any(
+        s in lower
+        for s in (
+            "500",
+            "internalerror",
+            "internal_error",
+            "timeout",
+            "reset",
+            "closed",
+            "broken pipe",
+        )
+    ):
         return TransientError(text)
     return StoreError(f"{uri}: {text}", uri)

@@ -37,18 +37,29 @@ def _rss_mib() -> float:
 class Toy(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Linear(64, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024))
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(64, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024)
+        )
         self.head = torch.nn.Linear(1024, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
 
 
-def _state(model: Toy, opt: torch.optim.Optimizer, sharded: torch.Tensor, step: int) -> dict[str, Any]:
-    return {"model": model.state_dict(), "optim": opt.state_dict(), "sharded": sharded, "meta": {"step": step}}
+def _state(
+    model: Toy, opt: torch.optim.Optimizer, sharded: torch.Tensor, step: int
+) -> dict[str, Any]:
+    return {
+        "model": model.state_dict(),
+        "optim": opt.state_dict(),
+        "sharded": sharded,
+        "meta": {"step": step},
+    }
 
 
-def _train_and_save(rank: int, world_size: int, uri: str, options: dict[str, Any]) -> dict[str, float]:
+def _train_and_save(
+    rank: int, world_size: int, uri: str, options: dict[str, Any]
+) -> dict[str, float]:
     torch.manual_seed(0)
     model = Toy()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -74,7 +85,10 @@ def _train_and_save(rank: int, world_size: int, uri: str, options: dict[str, Any
         assert ck.staging.nbytes > 0
         for step in (1, 7, 20):
             torch.manual_seed(123)
-            fresh_model, fresh_sharded = Toy(), distribute_tensor(torch.full((64, 256), -1.0), mesh, [Shard(0)])
+            fresh_model, fresh_sharded = (
+                Toy(),
+                distribute_tensor(torch.full((64, 256), -1.0), mesh, [Shard(0)]),
+            )
             fresh_opt = torch.optim.Adam(fresh_model.parameters(), lr=1e-3)
             fresh_model(torch.randn(2, 64)).sum().backward()
             fresh_opt.step()  # creates the optimizer state to load into
@@ -86,7 +100,9 @@ def _train_and_save(rank: int, world_size: int, uri: str, options: dict[str, Any
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["local", "moto-boto3"])
-def test_twenty_async_saves_while_training(backend: str, request: pytest.FixtureRequest, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_twenty_async_saves_while_training(
+    backend: str, request: pytest.FixtureRequest, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     target = make_target(backend, request, tmp_path)
     results = run_ranks(_train_and_save, 2, f"{target.uri}/run", target.options)
     for rss in results:
@@ -101,7 +117,11 @@ def test_retention_keeps_exactly_n(tmp_path) -> None:  # type: ignore[no-untyped
             ck.save(step, {"w": torch.full((4,), float(step))})
         ck.wait()
         assert ck.steps() == [4, 5, 6]
-        assert sorted(os.listdir(tmp_path / "run")) == ["step-0000000004", "step-0000000005", "step-0000000006"]
+        assert sorted(os.listdir(tmp_path / "run")) == [
+            "step-0000000004",
+            "step-0000000005",
+            "step-0000000006",
+        ]
         out = {"w": torch.zeros(4)}
         assert ck.load(out) == 6 and torch.equal(out["w"], torch.full((4,), 6.0))
 
@@ -217,7 +237,9 @@ def test_checkpointer_checkpoint_reads_with_plain_dcp(tmp_path) -> None:  # type
     assert torch.equal(out["w"], torch.arange(10.0))
 
 
-def test_every_save_and_load_reports_its_figures(tmp_path, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+def test_every_save_and_load_reports_its_figures(
+    tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
     import logging
 
     from shardckpt.checkpointer import LoadStats, SaveStats
@@ -237,7 +259,9 @@ def test_every_save_and_load_reports_its_figures(tmp_path, caplog: pytest.LogCap
     assert len(lines) == 1 and '"step": 1' in lines[0] and '"upload_gbps"' in lines[0]
 
 
-def test_local_copy_serves_restarts_and_s3_stays_durable(request: pytest.FixtureRequest, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_local_copy_serves_restarts_and_s3_stays_durable(
+    request: pytest.FixtureRequest, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     target = make_target("moto-boto3", request, tmp_path)
     cache = tmp_path / "nvme"
     with Checkpointer(target.uri, local_copy=cache, **target.options) as ck:

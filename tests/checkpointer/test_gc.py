@@ -31,7 +31,10 @@ def test_gc_removes_only_old_unreferenced_data(tmp_path) -> None:  # type: ignor
     store.put("step-0000000005/attempt-running/rank0-000000", [b"z" * 30])
     stale_tmp = root / "step-0000000003" / ".rank9.tmp-shardckpt-0123"
     stale_tmp.write_bytes(b"partial")
-    for key in ("step-0000000002/attempt-dead/rank0-000000", "step-0000000004/attempt-crashed/rank0-000000"):
+    for key in (
+        "step-0000000002/attempt-dead/rank0-000000",
+        "step-0000000004/attempt-crashed/rank0-000000",
+    ):
         _age(str(root / key), 7200)
     _age(str(stale_tmp), 7200)
 
@@ -41,7 +44,10 @@ def test_gc_removes_only_old_unreferenced_data(tmp_path) -> None:  # type: ignor
         assert (root / "step-0000000004").exists()  # dry run changed nothing
         report = ck.gc()
         assert report is not None
-        assert sorted(os.path.basename(u) for u in report.garbage_objects) == ["rank0-000000", "rank0-000000"]
+        assert sorted(os.path.basename(u) for u in report.garbage_objects) == [
+            "rank0-000000",
+            "rank0-000000",
+        ]
         assert report.garbage_bytes == 30
         assert len(report.aborted_uploads) == 1 and not stale_tmp.exists()
         assert [u.rsplit("/", 1)[1] for u in report.retired_checkpoints] == ["step-0000000001"]

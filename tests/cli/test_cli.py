@@ -29,11 +29,15 @@ def _args(target: Target) -> list[str]:
     return ["--endpoint", str(endpoint)] if endpoint else []
 
 
-def test_ls_lists_committed_and_with_all_the_incomplete(root: Target, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ls_lists_committed_and_with_all_the_incomplete(
+    root: Target, capsys: pytest.CaptureFixture[str]
+) -> None:
     open_store(root.uri, **root.options).put("step-0000000040/attempt-x/rank0-000000", [b"partial"])
     assert main(["ls", root.uri, "--json", *_args(root)]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["step"] for r in rows] == [10, 20, 30] and {r["status"] for r in rows} == {"committed"}
+    assert [r["step"] for r in rows] == [10, 20, 30] and {r["status"] for r in rows} == {
+        "committed"
+    }
     assert all(r["world_size"] == 1 and r["objects"] == 2 for r in rows)
     assert main(["ls", root.uri, "--all", *_args(root)]) == 0
     out = capsys.readouterr().out
@@ -43,10 +47,14 @@ def test_ls_lists_committed_and_with_all_the_incomplete(root: Target, capsys: py
 def test_inspect_shows_keys_shapes_dtypes(root: Target, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", root.uri, "--step", "20", *_args(root)]) == 0
     out = capsys.readouterr().out
-    assert "step-0000000020" in out and "float32" in out and "[256, 4]" in out and "meta.step" in out
+    assert (
+        "step-0000000020" in out and "float32" in out and "[256, 4]" in out and "meta.step" in out
+    )
 
 
-def test_verify_passes_then_finds_a_flipped_byte(root: Target, capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_passes_then_finds_a_flipped_byte(
+    root: Target, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["verify", root.uri, *_args(root)]) == 0
     assert "OK" in capsys.readouterr().out
     store = open_store(root.uri, **root.options)
@@ -66,7 +74,9 @@ def test_gc_dry_run_then_keep_last(root: Target, capsys: pytest.CaptureFixture[s
     assert Checkpointer(root.uri, **root.options).steps() == [30]
 
 
-def test_export_to_torch_save_and_safetensors(root: Target, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+def test_export_to_torch_save_and_safetensors(
+    root: Target, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
     out = str(tmp_path / "model.pt")
     assert main(["export", root.uri, out, *_args(root)]) == 0
     state = torch.load(out, weights_only=True)
@@ -79,7 +89,9 @@ def test_export_to_torch_save_and_safetensors(root: Target, tmp_path, capsys: py
     assert torch.equal(load_file(st)["w"], torch.full((256, 4), 10.0))
 
 
-def test_cp_copies_committed_checkpoints_manifest_last(root: Target, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+def test_cp_copies_committed_checkpoints_manifest_last(
+    root: Target, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
     dst = str(tmp_path / "copy")
     assert main(["cp", root.uri, dst, *_args(root)]) == 0
     with Checkpointer(dst) as ck:

@@ -18,7 +18,15 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
 def _torchrun(script: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", os.path.join(EXAMPLES, script), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        os.path.join(EXAMPLES, script),
+        *args,
+    ]
 
 
 def _losses(path: str) -> dict[int, float]:
@@ -29,16 +37,38 @@ def _losses(path: str) -> dict[int, float]:
 
 
 def test_demo_resumes_with_identical_losses_against_local_s3() -> None:
-    done = subprocess.run([sys.executable, os.path.join(EXAMPLES, "demo.py")], env=ENV, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "demo.py")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "identical to the uninterrupted run: True" in done.stdout
 
 
 def test_sigterm_saves_a_final_checkpoint_and_resume_matches(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    ckpt, first, resumed, reference = (str(tmp_path / n) for n in ("ckpt", "first.jsonl", "resumed.jsonl", "ref.jsonl"))
+    ckpt, first, resumed, reference = (
+        str(tmp_path / n) for n in ("ckpt", "first.jsonl", "resumed.jsonl", "ref.jsonl")
+    )
     job = subprocess.Popen(
-        _torchrun("preemption.py", "--ckpt", ckpt, "--steps", "100000", "--save-every", "10", "--losses", first),
-        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        _torchrun(
+            "preemption.py",
+            "--ckpt",
+            ckpt,
+            "--steps",
+            "100000",
+            "--save-every",
+            "10",
+            "--losses",
+            first,
+        ),
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 300
     while max(_losses(first), default=0) < 15:
@@ -51,10 +81,31 @@ def test_sigterm_saves_a_final_checkpoint_and_resume_matches(tmp_path) -> None: 
     stopped = int(out.split("preempted: saved step ")[1].split(",")[0])
     assert stopped == max(_losses(first))
 
-    subprocess.run(_torchrun("preemption.py", "--ckpt", ckpt, "--steps", str(stopped + 2), "--losses", resumed), env=ENV, check=True, timeout=300, capture_output=True)
     subprocess.run(
-        _torchrun("preemption.py", "--ckpt", str(tmp_path / "ref"), "--steps", str(stopped + 2), "--save-every", "1000", "--losses", reference),
-        env=ENV, check=True, timeout=300, capture_output=True,
+        _torchrun(
+            "preemption.py", "--ckpt", ckpt, "--steps", str(stopped + 2), "--losses", resumed
+        ),
+        env=ENV,
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
+    subprocess.run(
+        _torchrun(
+            "preemption.py",
+            "--ckpt",
+            str(tmp_path / "ref"),
+            "--steps",
+            str(stopped + 2),
+            "--save-every",
+            "1000",
+            "--losses",
+            reference,
+        ),
+        env=ENV,
+        check=True,
+        timeout=300,
+        capture_output=True,
     )
     after, ref = _losses(resumed), _losses(reference)
     assert min(after) == stopped + 1, "the restarted job resumes right after the final save"

@@ -19,7 +19,10 @@ SAVED_SEED = 7
 
 
 def _save(rank: int, world_size: int, uri: str, options: dict[str, Any]) -> None:
-    dcp.save(make_state(SAVED_SEED, world_size), storage_writer=ShardWriter(uri, object_size=1 << 20, **options))
+    dcp.save(
+        make_state(SAVED_SEED, world_size),
+        storage_writer=ShardWriter(uri, object_size=1 << 20, **options),
+    )
 
 
 def _load(rank: int, world_size: int, uri: str, options: dict[str, Any]) -> bool:

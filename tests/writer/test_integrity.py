@@ -33,7 +33,9 @@ def _cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _load_error(uri: str, options: dict[str, Any], state: dict[str, Any] | None = None, **reader: Any) -> BaseException:
+def _load_error(
+    uri: str, options: dict[str, Any], state: dict[str, Any] | None = None, **reader: Any
+) -> BaseException:
     """The error of loading ``uri``. DCP turns a failed ``read_metadata`` into an
     AssertionError carrying our message, so manifest errors are taken from the reader."""
     try:
@@ -44,7 +46,10 @@ def _load_error(uri: str, options: dict[str, Any], state: dict[str, Any] | None 
         assert str(exc) in str(_cause(info.value)), "dcp.load must carry our message"
         return exc
     with pytest.raises((Exception, CheckpointException)) as info:
-        dcp.load(state if state is not None else make_state(2, 1), storage_reader=ShardReader(uri, **options, **reader))
+        dcp.load(
+            state if state is not None else make_state(2, 1),
+            storage_reader=ShardReader(uri, **options, **reader),
+        )
     return _cause(info.value)
 
 
@@ -52,7 +57,9 @@ def _load_error(uri: str, options: dict[str, Any], state: dict[str, Any] | None 
 def saved(request: pytest.FixtureRequest, tmp_path) -> tuple[Target, ObjectStore, str]:  # type: ignore[no-untyped-def]
     target = make_target(request.param, request, tmp_path)
     uri = f"{target.uri}/ckpt"
-    dcp.save(make_state(1, 1), storage_writer=ShardWriter(uri, object_size=1 << 20, **target.options))
+    dcp.save(
+        make_state(1, 1), storage_writer=ShardWriter(uri, object_size=1 << 20, **target.options)
+    )
     return target, target.open(), uri
 
 
@@ -128,7 +135,9 @@ def test_racing_commit_loses_with_checkpoint_exists(saved) -> None:  # type: ign
     store.delete([f"ckpt/{MANIFEST_NAME}"])
     writer = ShardWriter(uri, **target.options)
     writer.set_up_storage_writer(True)  # passes: no manifest yet
-    dcp.save(make_state(4, 1), storage_writer=ShardWriter(uri, **target.options))  # the other writer wins
+    dcp.save(
+        make_state(4, 1), storage_writer=ShardWriter(uri, **target.options)
+    )  # the other writer wins
     with pytest.raises((Exception, CheckpointException)) as info:
         dcp.save(make_state(5, 1), storage_writer=_NoPrecheck(uri, **target.options))
     assert isinstance(_cause(info.value), CheckpointExistsError)
