@@ -53,17 +53,29 @@ def s3tc_writer(uri: str, endpoint: str) -> Any:
     from s3torchconnector.dcp.s3_file_system import S3FileSystem
 
     writer = S3StorageWriter(region=REGION, path=uri)
-    client = S3Client(REGION, endpoint=endpoint, s3client_config=S3ClientConfig(force_path_style=True))
+    client = S3Client(
+        REGION, endpoint=endpoint, s3client_config=S3ClientConfig(force_path_style=True)
+    )
     writer.fs = S3FileSystem(REGION, s3_client=client)
     return writer
 
 
-def blocking_times(state: dict[str, torch.Tensor], server: LocalS3Server, reps: int) -> dict[str, list[float]]:
+def blocking_times(
+    state: dict[str, torch.Tensor], server: LocalS3Server, reps: int
+) -> dict[str, list[float]]:
     """Seconds the caller is blocked, per system, alternating systems each repetition."""
     dst = {k: torch.empty_like(v) for k, v in state.items()}
     ckpt = Checkpointer("s3://bench/ckpointer", endpoint=server.endpoint)
     stager = PinnedStager()
-    times: dict[str, list[float]] = {k: [] for k in ("copy_", "shardckpt Checkpointer.save", "dcp.async_save + ShardWriter + PinnedStager", "dcp.async_save + S3StorageWriter")}
+    times: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "copy_",
+            "shardckpt Checkpointer.save",
+            "dcp.async_save + ShardWriter + PinnedStager",
+            "dcp.async_save + S3StorageWriter",
+        )
+    }
 
     def timed(name: str, call: Callable[[], Any]) -> Any:
         start = time.perf_counter()
@@ -77,10 +89,19 @@ def blocking_times(state: dict[str, torch.Tensor], server: LocalS3Server, reps: 
         handle.wait()
         future = timed(
             "dcp.async_save + ShardWriter + PinnedStager",
-            lambda rep=rep: dcp.async_save(state, storage_writer=ShardWriter(f"s3://bench/dcp-{rep}", endpoint=server.endpoint), async_stager=stager),
+            lambda rep=rep: dcp.async_save(
+                state,
+                storage_writer=ShardWriter(f"s3://bench/dcp-{rep}", endpoint=server.endpoint),
+                async_stager=stager,
+            ),
         )
         future.result()
-        future = timed("dcp.async_save + S3StorageWriter", lambda rep=rep: dcp.async_save(state, storage_writer=s3tc_writer(f"s3://bench/s3tc-{rep}", server.endpoint)))
+        future = timed(
+            "dcp.async_save + S3StorageWriter",
+            lambda rep=rep: dcp.async_save(
+                state, storage_writer=s3tc_writer(f"s3://bench/s3tc-{rep}", server.endpoint)
+            ),
+        )
         future.result()
     ckpt.close()
     stager.close()
@@ -92,7 +113,9 @@ class ToyTraining:
 
     def __init__(self) -> None:
         torch.manual_seed(0)
-        self.model = torch.nn.Sequential(torch.nn.Linear(1024, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 1024))
+        self.model = torch.nn.Sequential(
+            torch.nn.Linear(1024, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 1024)
+        )
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3)
         self.x = torch.randn(256, 1024)
 
@@ -104,7 +127,13 @@ class ToyTraining:
         return time.perf_counter() - start
 
 
-def step_slowdown(state: dict[str, torch.Tensor], root: str, options: dict[str, Any], server: LocalS3Server | None, reps: int) -> dict[str, Any]:
+def step_slowdown(
+    state: dict[str, torch.Tensor],
+    root: str,
+    options: dict[str, Any],
+    server: LocalS3Server | None,
+    reps: int,
+) -> dict[str, Any]:
     """Median step time with no save running vs while one uploads; the server's CPU seconds."""
     train = ToyTraining()
     for _ in range(5):
@@ -137,12 +166,67 @@ def step_slowdown(state: dict[str, torch.Tensor], root: str, options: dict[str, 
     }
 
 
+def _save_in_process(size_mib: int, root: str, ready: Any, go: Any) -> None:
+    state = make_state(size_mib)
+    ready.set()
+    go.wait()
+    dcp.save(state, storage_writer=ShardWriter(root), no_dist=True)
+
+
+def step_slowdown_other_process(size_mib: int, root: str, reps: int) -> dict[str, Any]:
+    """The same upload (to the local store) from another process, as a writer-process mode
+    would run it: what remains of the slowdown is CPU and memory-bandwidth contention, not
+    the GIL."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    train = ToyTraining()
+    for _ in range(5):
+        train.step()
+    quiet = [train.step() for _ in range(10 * reps)]
+    busy: list[float] = []
+    for rep in range(reps):
+        ready, go = ctx.Event(), ctx.Event()
+        proc = ctx.Process(target=_save_in_process, args=(size_mib, f"{root}-{rep}", ready, go))
+        proc.start()
+        ready.wait()
+        go.set()
+        while proc.is_alive():
+            busy.append(train.step())
+        proc.join()
+    return {
+        "step_s_quiet": statistics.median(quiet),
+        "step_s_during_upload": statistics.median(busy) if busy else None,
+        "slowdown": statistics.median(busy) / statistics.median(quiet) if busy else None,
+        "steps_during_upload": len(busy),
+    }
+
+
+def overlap_blocking(state: dict[str, torch.Tensor], root: str, reps: int) -> list[float]:
+    """Seconds ``save`` blocks in overlap mode (the copy runs on while training computes)."""
+    train = ToyTraining()
+    times = []
+    with Checkpointer(root, overlap=True) as ckpt:
+        ckpt.attach(train.opt)
+        for rep in range(reps + 1):
+            start = time.perf_counter()
+            handle = ckpt.save(rep, state)
+            times.append(time.perf_counter() - start)
+            train.step()  # its optimizer step waits for the copy
+            handle.wait()
+    return times[1:]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="64 MiB, 2 repetitions")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "async_bench.json"))
+    parser.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results", "async_bench.json")
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.size_mib, args.reps = 64, 2
@@ -161,25 +245,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             torch.set_num_threads(train_threads)
             with tempfile.TemporaryDirectory() as tmp:
                 slowdown[f"moto, {train_threads} training threads"] = step_slowdown(
-                    state, f"s3://bench/steps-{train_threads}", {"endpoint": server.endpoint}, server, args.reps
+                    state,
+                    f"s3://bench/steps-{train_threads}",
+                    {"endpoint": server.endpoint},
+                    server,
+                    args.reps,
                 )
                 slowdown[f"local store, {train_threads} training threads"] = step_slowdown(
                     state, os.path.join(tmp, "steps"), {}, None, args.reps
                 )
+            if train_threads == 1:
+                with tempfile.TemporaryDirectory() as tmp:
+                    slowdown[
+                        f"local store from another process, {train_threads} training threads"
+                    ] = step_slowdown_other_process(
+                        args.size_mib, os.path.join(tmp, "proc"), args.reps
+                    )
         torch.set_num_threads(threads)
+        with tempfile.TemporaryDirectory() as tmp:
+            blocking["shardckpt Checkpointer.save, overlap=True"] = overlap_blocking(
+                state, os.path.join(tmp, "overlap"), args.reps
+            )
     finally:
         server.stop()
     medians = {k: statistics.median(v) for k, v in blocking.items()}
     ours = medians["shardckpt Checkpointer.save"]
     result = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
         "state_mib": args.size_mib,
         "blocking_s": blocking,
         "blocking_median_s": medians,
         "ratios": {
             "checkpointer_vs_copy_": ours / medians["copy_"],
             "checkpointer_vs_s3tc_async_save": ours / medians["dcp.async_save + S3StorageWriter"],
-            "pinnedstager_async_save_vs_s3tc_async_save": medians["dcp.async_save + ShardWriter + PinnedStager"] / medians["dcp.async_save + S3StorageWriter"],
+            "checkpointer_overlap_vs_s3tc_async_save": medians[
+                "shardckpt Checkpointer.save, overlap=True"
+            ]
+            / medians["dcp.async_save + S3StorageWriter"],
+            "pinnedstager_async_save_vs_s3tc_async_save": medians[
+                "dcp.async_save + ShardWriter + PinnedStager"
+            ]
+            / medians["dcp.async_save + S3StorageWriter"],
         },
         "step_time": slowdown,
     }
@@ -190,9 +300,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, value in medians.items():
         print(f"  {name:<48} {value * 1e3:9.1f} ms  ({value / medians['copy_']:.2f}x copy_)")
     for name, r in slowdown.items():
+        extra = (
+            f"; upload {r['upload_s']:.1f}s; server CPU {r['server_cpu_s_per_save']:.1f}s/save"
+            if "upload_s" in r
+            else ""
+        )
         print(
             f"step time during upload ({name}): {r['step_s_quiet'] * 1e3:.1f} -> {r['step_s_during_upload'] * 1e3:.1f} ms "
-            f"({r['slowdown']:.2f}x over {r['steps_during_upload']} steps; upload {r['upload_s']:.1f}s; server CPU {r['server_cpu_s_per_save']:.1f}s/save)"
+            f"({r['slowdown']:.2f}x over {r['steps_during_upload']} steps{extra})"
         )
     return result
 

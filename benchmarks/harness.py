@@ -1,0 +1,156 @@
+"""The run: start the local moto server, make the bucket, run every workload at every world
+size on spawned gloo ranks, and write the results (JSON, table, plot)."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from benchmarks import report
+from benchmarks.plot import plot
+from benchmarks.spawn import run_ranks
+from benchmarks.worker import Plan, rank_main
+from benchmarks.workloads import Workload
+
+logger = logging.getLogger(__name__)
+BUCKET = "shardckpt-bench"
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+@dataclass(frozen=True)
+class Config:
+    """What to run. ``workloads`` by name (``1gib-64``), each at every world size;
+    ``cap_seconds``: a system whose save+load exceeds it is not repeated."""
+
+    name: str
+    workloads: tuple[str, ...]
+    world_sizes: tuple[int, ...]
+    systems: tuple[str, ...]
+    reps: int
+    cap_seconds: float
+    count_requests: bool
+    connector_reader: str = "dcp_optimized"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def source() -> dict[str, Any]:
+    """Which shardckpt was measured: the git commit, and a digest of the package's files
+    (the working tree may differ from the commit)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for folder, _, names in sorted(os.walk(os.path.join(root, "shardckpt"))):
+        for name in sorted(n for n in names if n.endswith(".py")):
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read())
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {"git_commit": commit, "shardckpt_py_sha256": digest.hexdigest()}
+
+
+def machine() -> dict[str, Any]:
+    memory = None
+    try:
+        with open("/proc/meminfo") as f:
+            memory = int(f.readline().split()[1]) * 1024
+    except OSError:
+        pass
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_bytes": memory,
+        "loadavg_start": os.getloadavg(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "versions": {
+            d: _version(d)
+            for d in (
+                "torch",
+                "s3torchconnector",
+                "s3torchconnectorclient",
+                "boto3",
+                "botocore",
+                "moto",
+                "shardckpt",
+            )
+        },
+    }
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Run ``config``; write ``results/<name>.json`` and ``.png``; return the results."""
+    from shardckpt.devserver import start_moto
+
+    workloads = [Workload.parse(w, ws) for w in config.workloads for ws in config.world_sizes]
+    results: dict[str, Any] = {
+        "name": config.name,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "source": source(),
+        "config": {**config.__dict__, "server": f"moto {_version('moto')}"},
+        "conventions": report.__doc__,
+        "workloads": [],
+    }
+    path = os.path.join(RESULTS, f"{config.name}.json")
+    scratch = tempfile.mkdtemp(prefix="shardckpt-bench-")
+    server = start_moto()
+    os.environ.update(server.env)
+    started = time.monotonic()
+    try:
+        server.create_bucket(BUCKET)
+        run_id = f"{config.name}-{uuid.uuid4().hex[:8]}"
+        for workload in workloads:
+            logger.info(
+                "workload %s (%d bytes in %d tensors over %d ranks)",
+                workload.label,
+                workload.total_bytes,
+                workload.num_tensors,
+                workload.world_size,
+            )
+            plan = Plan(
+                workload,
+                config.systems,
+                config.reps,
+                server.endpoint,
+                BUCKET,
+                run_id,
+                scratch,
+                config.cap_seconds,
+                config.count_requests,
+                config.connector_reader,
+            )
+            log = run_ranks(rank_main, workload.world_size, plan)[0]
+            results["workloads"].append(report.summarise(workload, log))
+            report.write_json(results, path)  # partial results survive a later crash
+    finally:
+        server.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+    results["elapsed_s"] = time.monotonic() - started
+    results["loadavg_end"] = os.getloadavg()
+    report.write_json(results, path)
+    print(report.table(results))
+    print(f"\nresults: {path}")
+    why_not = plot(results, path[: -len(".json")] + ".png")
+    print(why_not or f"plot: {path[: -len('.json')]}.png")
+    return results

@@ -1,0 +1,44 @@
+"""The figure: save and load GB/s per system, grouped by workload (log scale)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def plot(results: dict[str, Any], path: str) -> str | None:
+    """Draw ``results`` to ``path`` (PNG); return None, or why no plot was drawn."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib): no plot"
+    workloads = results["workloads"]
+    systems = list(dict.fromkeys(name for w in workloads for name in w["systems"]))
+    if not systems:
+        return "no results to plot"
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.5 * len(workloads) + 4), 4.5), sharey=True)
+    width = 0.8 / len(systems)
+    for ax, op in zip(axes, ("save", "load"), strict=True):
+        for i, name in enumerate(systems):
+            xs, ys = [], []
+            for j, w in enumerate(workloads):
+                if w["systems"].get(name, {}).get("median"):
+                    xs.append(j + (i - (len(systems) - 1) / 2) * width)
+                    ys.append(w["systems"][name]["median"][f"{op}_gbps"])
+            ax.bar(xs, ys, width, label=name)
+        ax.set_xticks(range(len(workloads)), [w["label"] for w in workloads])
+        ax.set_yscale("log")
+        ax.set_title(f"{op} (GB/s, higher is better)")
+        ax.grid(axis="y", which="both", alpha=0.3)
+    axes[0].set_ylabel("GB/s (10^9 bytes/s), median of reps")
+    axes[1].legend(fontsize="small")
+    server = results["config"]["server"]
+    fig.suptitle(
+        f"{results['name']}: DCP checkpoint to a local {server} S3 server, {results['machine']['cpu_count']} CPUs"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
