@@ -58,6 +58,13 @@ class WriterOptions:
     fanout: int = 0
     overwrite: bool = False
 
+    def object_size_for(self, total: int) -> int:
+        """Object size for a rank writing ``total`` bytes: ``object_size``, or smaller (down
+        to 8 MiB, whole MiB) so that a small state still gives every upload thread an object."""
+        per_thread = -(-total // self.num_threads)
+        per_thread = -(-per_thread // MiB) * MiB
+        return min(self.object_size, max(8 * MiB, per_thread))
+
     def __post_init__(self) -> None:
         if self.object_size < 1 * MiB:
             raise ValueError(f"object_size must be at least 1 MiB, got {self.object_size}")
@@ -207,12 +214,12 @@ class ShardWriter(StorageWriter):
     def write_buffers(self, buffers: list[tuple[MetadataIndex, memoryview]]) -> list[WriteResult]:
         """Upload ``buffers`` as this rank's stream; return DCP write results (one per item,
         plus one carrying the stream's object records to the coordinator)."""
-        object_size = self.options.object_size
         offsets, total = [], 0
         for _, view in buffers:
             offsets.append(total)
             total += len(view)
         views = [v for _, v in buffers]
+        object_size = self.options.object_size_for(total)
         count = -(-total // object_size)
         names = [self._layout.data_name(self.attempt, self.rank, i) for i in range(count)]
         started = time.perf_counter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -17,6 +18,8 @@ import boto3
 import botocore.config
 import botocore.exceptions
 import botocore.handlers
+import botocore.loaders
+import botocore.session
 import urllib3.exceptions
 
 from shardckpt.errors import (
@@ -66,6 +69,32 @@ _TRANSIENT_NET = (
     urllib3.exceptions.IncompleteRead,
     ConnectionError,
 )
+
+
+# A new botocore session parses the service models (JSON) for its first client: 0.1-0.5 s
+# per store. Sessions share one loader, which caches them, so that is paid once per process;
+# each store still gets a session of its own, so credentials are resolved afresh.
+_LOADER = botocore.loaders.create_loader()
+_SESSIONS_LOCK = threading.Lock()
+# Bytes per socket read into a destination view: bounds any temporary the HTTP stack makes.
+_READ_CHUNK = 8 << 20
+
+
+def _session(profile: str | None) -> boto3.session.Session:
+    core = botocore.session.get_session()
+    core.register_component("data_loader", _LOADER)
+    return boto3.session.Session(botocore_session=core, profile_name=profile)
+
+
+def _body_reader(body: Any) -> Callable[[memoryview], int]:
+    """A ``readinto`` for a GET body that writes straight into the destination. urllib3's own
+    ``readinto`` reads into a temporary and copies; http.client's underneath (used when the
+    body is not content-encoded) reads from the socket into the view."""
+    raw = body._raw_stream
+    fp = getattr(raw, "_fp", None)
+    if fp is not None and not raw.headers.get("content-encoding") and hasattr(fp, "readinto"):
+        return fp.readinto
+    return raw.readinto
 
 
 class BufferChain(io.RawIOBase):
@@ -129,21 +158,21 @@ class BotoS3Store:
         self.prefix = prefix.strip("/")
         self.config = config
         self._endpoint = config.resolved_endpoint()
-        session = boto3.session.Session(profile_name=config.profile)
-        self._client = session.client(
-            "s3",
-            endpoint_url=self._endpoint,
-            region_name=config.resolved_region(),
-            config=botocore.config.Config(
-                s3={"addressing_style": "path" if self._endpoint else "auto"},
-                retries={"total_max_attempts": 1},
-                max_pool_connections=max(64, 4 * config.max_concurrency),
-                connect_timeout=config.connect_timeout,
-                read_timeout=config.read_timeout,
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            ),
-        )
+        with _SESSIONS_LOCK:  # creating clients from one session is not thread-safe
+            self._client = _session(config.profile).client(
+                "s3",
+                endpoint_url=self._endpoint,
+                region_name=config.resolved_region(),
+                config=botocore.config.Config(
+                    s3={"addressing_style": "path" if self._endpoint else "auto"},
+                    retries={"total_max_attempts": 1},
+                    max_pool_connections=max(64, 4 * config.max_concurrency),
+                    connect_timeout=config.connect_timeout,
+                    read_timeout=config.read_timeout,
+                    request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required",
+                ),
+            )
         # No "Expect: 100-continue" (botocore adds it to every S3 PUT): after any early final
         # response to it (an empty body on Go servers such as rclone and MinIO, or an early
         # 412/403), botocore mis-parses the next such response on that pooled connection,
@@ -261,13 +290,13 @@ class BotoS3Store:
                 Key=self._key(key),
                 Range=f"bytes={offset}-{offset + length - 1}",
             )
-            raw = reply["Body"]._raw_stream  # urllib3 response: readinto without extra copies
+            reader = _body_reader(reply["Body"])
             try:
                 pos = offset
                 for view in views:
                     got = 0
                     while got < len(view):
-                        n = raw.readinto(view[got:])
+                        n = reader(view[got : got + _READ_CHUNK])
                         if not n:
                             raise ChecksumMismatchError(
                                 f"{uri} is truncated: ended before byte {pos + got}", uri
