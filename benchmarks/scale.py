@@ -59,7 +59,9 @@ def local_plan(rank: int, world: int, tensors: int, rows: int = 4096, cols: int 
                 tensor_data=TensorWriteData(ChunkStorageMetadata(offset, size), props, shape),
             )
         )
-    return SavePlan(items, planner_data={f"layers.{t}.weight": (f"layers.{t}.weight",) for t in range(tensors)})
+    return SavePlan(
+        items, planner_data={f"layers.{t}.weight": (f"layers.{t}.weight",) for t in range(tensors)}
+    )
 
 
 def write_results(rank: int, plan: SavePlan, object_size: int) -> list[WriteResult]:
@@ -73,10 +75,16 @@ def write_results(rank: int, plan: SavePlan, object_size: int) -> list[WriteResu
         offset += length
     layout = Layout(fanout=0)
     objects = tuple(
-        ObjectRecord(layout.data_name("attempt-sim", rank, i), min(object_size, offset - i * object_size), 0)
+        ObjectRecord(
+            layout.data_name("attempt-sim", rank, i), min(object_size, offset - i * object_size), 0
+        )
         for i in range(-(-offset // object_size))
     )
-    results.append(WriteResult(MetadataIndex(f"\x00stream.{rank}"), offset, StreamRecord(rank, object_size, objects)))
+    results.append(
+        WriteResult(
+            MetadataIndex(f"\x00stream.{rank}"), offset, StreamRecord(rank, object_size, objects)
+        )
+    )
     return results
 
 
@@ -106,7 +114,12 @@ def simulate(world: int, tensors: int, tmp: str) -> dict[str, Any]:
                     locations[wr.index] = wr.storage_data
         metadata.storage_data = locations
         manifest = Manifest(metadata, streams, world)
-        commit(LocalStore(os.path.join(tmp, f"w{world}"), fsync=False), Layout(), manifest, overwrite=True)
+        commit(
+            LocalStore(os.path.join(tmp, f"w{world}"), fsync=False),
+            Layout(),
+            manifest,
+            overwrite=True,
+        )
         return manifest
 
     manifest = phase("commit", out, build_and_commit)
@@ -114,12 +127,22 @@ def simulate(world: int, tensors: int, tmp: str) -> dict[str, Any]:
     out["manifest_mib"] = store.head(Layout().manifest_key).size / MiB  # type: ignore[union-attr]
     phase("parse", out, lambda: read_manifest(store, Layout()))
     out["plan_and_commit_s"] = out["global_plan_s"] + out["commit_s"]
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # grows with W: runs go up
+    out["peak_rss_mib"] = (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )  # grows with W: runs go up
     out["objects"] = len(manifest.objects)
     return out
 
 
-def request_rates(world: int, bytes_per_rank: int, fanout: int, *, threads: int = 8, object_size: int = 64 * MiB, stream_mbps: float = 90.0) -> dict[str, float]:
+def request_rates(
+    world: int,
+    bytes_per_rank: int,
+    fanout: int,
+    *,
+    threads: int = 8,
+    object_size: int = 64 * MiB,
+    stream_mbps: float = 90.0,
+) -> dict[str, float]:
     """Per-prefix PUT/GET rates of a save/load at this scale: every rank keeps ``threads``
     requests in flight, each moving one object at ``stream_mbps`` MB/s (a typical single
     S3 stream); keys spread evenly over ``fanout`` hashed prefixes (1 without fanout)."""
@@ -128,7 +151,12 @@ def request_rates(world: int, bytes_per_rank: int, fanout: int, *, threads: int 
     in_flight = world * min(threads, objects_per_rank)
     rate = in_flight / seconds_per_request
     prefixes = max(fanout, 1)
-    return {"requests_per_s": rate, "per_prefix_per_s": rate / prefixes, "put_limit_share": rate / prefixes / S3_PUT_PER_PREFIX, "get_limit_share": rate / prefixes / S3_GET_PER_PREFIX}
+    return {
+        "requests_per_s": rate,
+        "per_prefix_per_s": rate / prefixes,
+        "put_limit_share": rate / prefixes / S3_PUT_PER_PREFIX,
+        "get_limit_share": rate / prefixes / S3_GET_PER_PREFIX,
+    }
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:
@@ -142,9 +170,19 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         return
     worlds = [r["world"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("global_plan_s", "DCP global plan"), ("commit_s", "manifest build + commit"), ("parse_s", "manifest parse (per loader)")):
+    for key, label in (
+        ("global_plan_s", "DCP global plan"),
+        ("commit_s", "manifest build + commit"),
+        ("parse_s", "manifest parse (per loader)"),
+    ):
         left.plot(worlds, [r[key] for r in rows], marker="o", label=label)
-    left.set(xscale="log", yscale="log", xlabel="ranks", ylabel="seconds", title=f"{rows[0]['tensors_per_rank']} tensors per rank")
+    left.set(
+        xscale="log",
+        yscale="log",
+        xlabel="ranks",
+        ylabel="seconds",
+        title=f"{rows[0]['tensors_per_rank']} tensors per rank",
+    )
     left.legend()
     right.plot(worlds, [r["manifest_mib"] for r in rows], marker="o")
     right.set(xscale="log", yscale="log", xlabel="ranks", ylabel="MiB", title="manifest size")
@@ -153,11 +191,15 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--worlds", type=int, nargs="+", default=[8, 64, 256, 1024])
     parser.add_argument("--tensors", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="worlds 8 and 64, 100 tensors")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "scale.json"))
+    parser.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results", "scale.json")
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.worlds, args.tensors = [8, 64], 100
@@ -166,7 +208,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for world in args.worlds:
             row = simulate(world, args.tensors, tmp)
             gib_per_rank = 1 << 30
-            row["rates"] = {f"fanout={f}": request_rates(world, gib_per_rank, f) for f in (0, 16, 64)}
+            row["rates"] = {
+                f"fanout={f}": request_rates(world, gib_per_rank, f) for f in (0, 16, 64)
+            }
             rows.append(row)
             print(
                 f"W={world:5d} items={row['items']:8d}  plan {row['global_plan_s']:6.2f}s  commit {row['commit_s']:6.2f}s"
