@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from benchmarks import systems
-from benchmarks.harness import Config, run
+from benchmarks.harness import RESULTS, Config, run
 from benchmarks.workloads import Workload, format_size, parse_size
 
 
@@ -23,11 +23,18 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument(
         "--quick", action="store_true", help="64 MiB, 2 reps: a check that every path works"
     )
+    p.add_argument("--name", help="results go to OUT_DIR/NAME.json/.png (default: quick or full)")
     p.add_argument(
-        "--name", help="results go to benchmarks/results/NAME.json/.png (default: quick or full)"
+        "--out-dir",
+        default=RESULTS,
+        help="folder for NAME.json and NAME.png (default benchmarks/results)",
     )
     p.add_argument(
-        "--workloads", type=_csv, help="SIZE-COUNT list, e.g. 1gib-64,256mib-16 (default 1gib-64)"
+        "--workloads",
+        type=_csv,
+        help="SIZE-COUNT or preset list, e.g. 1gib-64,256mib-16,10k-small,transformer "
+        "(default 1gib-64; 10k-small: 10,000 tensors of 64 KiB; transformer: a small "
+        "nn.TransformerEncoder and its AdamW state, a replica per rank)",
     )
     p.add_argument(
         "--sizes", type=_csv, help="sweep total state size, e.g. 64mib,256mib,1gib (with --tensors)"
@@ -65,7 +72,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     world_sizes = tuple(int(w) for w in args.world_sizes)
     for w in workloads:
         for ws in world_sizes:
-            Workload.parse(w, ws)  # fail now, not after minutes of other workloads
+            try:
+                Workload.parse(w, ws)  # fail now, not after minutes of other workloads
+            except ValueError as exc:
+                p.error(str(exc))
     reps = args.reps or (2 if args.quick else 3)
     return Config(
         name=args.name or ("quick" if args.quick else "full"),
@@ -76,6 +86,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         cap_seconds=args.cap_seconds,
         count_requests=not args.no_count,
         connector_reader=args.s3tc_reader,
+        out_dir=args.out_dir,
     )
 
 

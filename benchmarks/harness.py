@@ -32,7 +32,8 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results")
 @dataclass(frozen=True)
 class Config:
     """What to run. ``workloads`` by name (``1gib-64``), each at every world size;
-    ``cap_seconds``: a system whose save+load exceeds it is not repeated."""
+    ``cap_seconds``: a system whose save+load exceeds it is not repeated; results go to
+    ``out_dir/<name>.json`` and ``.png`` (default ``benchmarks/results``)."""
 
     name: str
     workloads: tuple[str, ...]
@@ -42,6 +43,7 @@ class Config:
     cap_seconds: float
     count_requests: bool
     connector_reader: str = "dcp_optimized"
+    out_dir: str = RESULTS
 
 
 def _version(dist: str) -> str | None:
@@ -99,7 +101,7 @@ def machine() -> dict[str, Any]:
 
 
 def run(config: Config) -> dict[str, Any]:
-    """Run ``config``; write ``results/<name>.json`` and ``.png``; return the results."""
+    """Run ``config``; write ``<out_dir>/<name>.json`` and ``.png``; return the results."""
     from shardckpt.devserver import start_moto
 
     workloads = [Workload.parse(w, ws) for w in config.workloads for ws in config.world_sizes]
@@ -112,7 +114,7 @@ def run(config: Config) -> dict[str, Any]:
         "conventions": report.__doc__,
         "workloads": [],
     }
-    path = os.path.join(RESULTS, f"{config.name}.json")
+    path = os.path.join(config.out_dir, f"{config.name}.json")
     scratch = tempfile.mkdtemp(prefix="shardckpt-bench-")
     server = start_moto()
     os.environ.update(server.env)
@@ -120,9 +122,12 @@ def run(config: Config) -> dict[str, Any]:
     try:
         server.create_bucket(BUCKET)
         run_id = f"{config.name}-{uuid.uuid4().hex[:8]}"
-        for workload in workloads:
+        for index, workload in enumerate(workloads, 1):
             logger.info(
-                "workload %s (%d bytes in %d tensors over %d ranks)",
+                "[%5.0fs] workload %d/%d: %s (%d bytes in %d tensors over %d ranks)",
+                time.monotonic() - started,
+                index,
+                len(workloads),
                 workload.label,
                 workload.total_bytes,
                 workload.num_tensors,

@@ -58,15 +58,28 @@ def ratios(medians: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     }
 
 
+def bit_exact(reps: list[dict[str, Any]], failed: str | None) -> str | None:
+    """``"OK"`` if every rep's load was verified byte for byte on every rank and nothing
+    failed; ``"MISMATCH"`` if a load returned other bytes; ``"FAILED"`` if the system failed
+    otherwise (so the later reps were not verified); None with no rep at all."""
+    if failed is not None:
+        return "MISMATCH" if "loaded wrong bytes" in failed else "FAILED"
+    if not reps:
+        return None
+    return "OK" if all(rep.get("bit_exact") for rep in reps) else "MISMATCH"
+
+
 def summarise(workload: Workload, log: Any) -> dict[str, Any]:
     """Everything about one workload: raw reps, medians, request counts, caps, failures,
-    ratios. A system with no successful rep has ``median`` None."""
+    ``bit_exact`` (see :func:`bit_exact`), ratios. A system with no successful rep has
+    ``median`` None."""
     systems: dict[str, Any] = {}
     for name in log.descriptions:
         reps = log.reps.get(name, [])
         systems[name] = {
             "description": log.descriptions[name],
             "median": summarise_system(workload, reps) if reps else None,
+            "bit_exact": bit_exact(reps, log.failed.get(name)),
             "requests": log.requests.get(name),
             "capped": log.capped.get(name),
             "failed": log.failed.get(name),
@@ -136,12 +149,17 @@ def table(results: dict[str, Any]) -> str:
                 lines.append(
                     "            phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in phases.items())
                 )
+            if s.get("bit_exact") not in (None, "OK"):
+                lines.append(f"            bit-exact: {s['bit_exact']}")
             if s["capped"]:
                 lines.append(f"            capped: {s['capped']}")
             if s["failed"]:
                 lines.append(
                     f"            FAILED later (figures are of the reps before): {s['failed']}"
                 )
+        exact = [s.get("bit_exact") for s in w["systems"].values()]
+        if exact and all(e == "OK" for e in exact):
+            lines.append("every load verified bit for bit on every rank: OK")
         if w["ratios"]:
             lines.append("shardckpt vs X (X time / shardckpt time; >1: shardckpt faster):")
             for name, r in w["ratios"].items():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,12 +73,20 @@ def _mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -
 class _Runner:
     def __init__(self, rank: int, plan: Plan) -> None:
         self.rank, self.plan = rank, plan
+        self.started = time.monotonic()
         self.workload = plan.workload
         self.state = self.workload.make_state(rank)
         self.dest = {k: torch.empty_like(v) for k, v in self.state.items()}
         target = Target(plan.endpoint, plan.bucket, rank, self.workload.world_size, plan.scratch)
         self.client = target.client()
         self.systems = systems_module.build(list(plan.systems), target, plan.connector_reader)
+
+    def progress(self, message: str, *args: object) -> None:
+        """Rank 0 only: ``message`` on stderr, prefixed with the workload and the seconds
+        since this rank started (so a long run shows where it is)."""
+        if self.rank == 0:
+            elapsed = time.monotonic() - self.started
+            logger.info("%s [%5.0fs] " + message, self.workload.label, elapsed, *args)
 
     def uri(self, system: str, tag: str) -> str:
         return f"s3://{self.plan.bucket}/{self.plan.run_id}/{self.workload.label}/{system}/{tag}"
@@ -124,6 +133,7 @@ class _Runner:
         return outcome
 
     def warm_up(self, log: RankLog) -> None:
+        self.progress("warming up %d systems", len(self.systems))
         tiny = {f"rank{self.rank}.warm{i}": torch.randn(MiB // 4) for i in range(2)}
         for system in self.systems:
             outcome = self.once(system, self.uri(system.name, "warmup"), tiny)
@@ -136,8 +146,10 @@ class _Runner:
             logger.error("%s %s FAILED (not run again): %s", self.workload.label, name, error)
 
     def timed(self, log: RankLog) -> None:
+        total, done = self.plan.reps * len(self.systems), 0
         for rep in range(self.plan.reps):
             for system in self.systems:
+                done += 1
                 if system.name in log.capped or system.name in log.failed:
                     continue
                 outcome = self.once(system, self.uri(system.name, f"rep{rep}"), self.state)
@@ -147,19 +159,25 @@ class _Runner:
                 assert outcome.save is not None and outcome.load is not None
                 ranks = _gather({"save": outcome.save.to_dict(), "load": outcome.load.to_dict()})
                 log.reps.setdefault(system.name, []).append(
-                    {"rep": rep, "loadavg_1min": os.getloadavg()[0], "ranks": ranks}
+                    # bit_exact: every rank's load was compared byte for byte (see ``once``)
+                    {
+                        "rep": rep,
+                        "loadavg_1min": os.getloadavg()[0],
+                        "bit_exact": True,
+                        "ranks": ranks,
+                    }
                 )
                 save_s = max(r["save"]["seconds"] for r in ranks)
                 load_s = max(r["load"]["seconds"] for r in ranks)
-                if self.rank == 0:
-                    logger.info(
-                        "%s %-10s rep %d: save %7.2fs  load %7.2fs",
-                        self.workload.label,
-                        system.name,
-                        rep,
-                        save_s,
-                        load_s,
-                    )
+                self.progress(
+                    "%3d/%d %-10s rep %d: save %7.2fs  load %7.2fs  bytes OK",
+                    done,
+                    total,
+                    system.name,
+                    rep,
+                    save_s,
+                    load_s,
+                )
                 if save_s + load_s > self.plan.cap_seconds and rep + 1 < self.plan.reps:
                     log.capped[system.name] = (
                         f"save+load took {save_s + load_s:.0f}s > cap {self.plan.cap_seconds:.0f}s; ran {rep + 1} rep(s)"
@@ -168,6 +186,7 @@ class _Runner:
     def count(self, log: RankLog) -> None:
         """One more, untimed save+load per S3 system through the counting relay (which runs
         on rank 0 and sees every rank's requests). Systems that failed are left out."""
+        self.progress("counting requests (one untimed save+load per S3 system)")
         counter = RequestCounter(self.plan.endpoint) if self.rank == 0 else None
         endpoint = [counter.start() if counter is not None else None]
         dist.broadcast_object_list(endpoint, src=0)
@@ -247,4 +266,5 @@ def rank_main(rank: int, world_size: int, plan: Plan) -> RankLog | None:
     runner.timed(log)
     if plan.count_requests:
         runner.count(log)
+    runner.progress("done")
     return log if rank == 0 else None

@@ -1,0 +1,53 @@
+"""CI smoke test of the benchmark harness: ``python -m benchmarks --quick`` runs every system
+end to end on a local moto server and writes a complete results file. Timings are not
+checked (they depend on the machine), only that every figure is there."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import systems
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TIMEOUT_S = 600  # --quick takes about 2 minutes on 2 busy cores
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_complete_results(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    command = [sys.executable, "-m", "benchmarks", "--quick", "--name", "ci-smoke"]
+    command += ["--out-dir", str(tmp_path)]
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"--quick ran over {TIMEOUT_S}s; stderr tail:\n{str(exc.stderr)[-3000:]}")
+    assert done.returncode == 0, f"exit {done.returncode}; stderr tail:\n{done.stderr[-3000:]}"
+    assert "[" in done.stderr and "rep 1" in done.stderr, "no progress lines on stderr"
+
+    with open(tmp_path / "ci-smoke.json") as f:
+        results = json.load(f)
+    assert results["name"] == "ci-smoke"
+    assert "elapsed_s" in results, "the run did not finish writing its results"
+    labels = [w["label"] for w in results["workloads"]]
+    assert labels == ["64mib-64/ws1", "64mib-64/ws2"]
+    for w in results["workloads"]:
+        assert list(w["systems"]) == list(systems.ALL), w["label"]
+        for name, s in w["systems"].items():
+            where = f"{w['label']} {name}"
+            assert s["failed"] is None, f"{where} failed: {s['failed']}"
+            assert s["bit_exact"] == "OK", f"{where}: bit_exact {s['bit_exact']}"
+            median = s["median"]
+            assert median is not None, f"{where}: no median"
+            assert median["reps"] == 2, where
+            for op in ("save", "load"):
+                assert median[f"{op}_s"] > 0 and median[f"{op}_gbps"] > 0, where
+            if name != "memcpy":  # the only system that does not talk to S3
+                assert s["requests"]["save"] and s["requests"]["load"], where
+        others = [n for n in systems.ALL if n != "shardckpt"]
+        assert sorted(w["ratios"]) == sorted(others), w["label"]
+        for name, r in w["ratios"].items():
+            assert r["save"] > 0 and r["load"] > 0, f"{w['label']} ratio vs {name}"
