@@ -74,6 +74,10 @@ def _train_and_save(
             opt.step()
             opt.zero_grad()
             sharded.add_(1.0)
+            # The training's own collectives on the default group while a save runs in the
+            # background: they must not interleave with the save's (a dedicated group).
+            dist.all_reduce(torch.ones(1))
+            dist.barrier()
             state = _state(model, opt, sharded, step)
             expected[step] = fingerprint(state)
             ck.save(step, state)
