@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from shardckpt._duration import duration
 from shardckpt.catalog import committed_steps, find_checkpoints, step_name
 from shardckpt.errors import CheckpointNotFoundError, ObjectExistsError, ShardckptError
 from shardckpt.gc import collect_garbage
@@ -41,14 +42,6 @@ def _age(seconds: float) -> str:
         if seconds >= span:
             return f"{seconds / span:.0f}{unit}"
     return f"{seconds:.0f}s"
-
-
-def _duration(text: str) -> float:
-    """'90', '90s', '15m', '1h', '2d' -> seconds."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 30m, 1h, 2d)")
-    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
 class _Progress:
@@ -255,14 +248,17 @@ def cmd_cp(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def run_bench(bench_args: list[str]) -> int:
+    # The harness is not installed with the package: find it in the checkout we run from.
+    if os.path.isdir(os.path.join(os.getcwd(), "benchmarks")) and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         from benchmarks.__main__ import main as bench_main
     except ImportError:
         raise ShardckptError(
             "the benchmark harness lives in the source checkout: run `shardckpt bench` from its root"
         ) from None
-    return int(bench_main(args.bench_args) or 0)
+    return int(bench_main(bench_args) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-last", type=int, help="also delete all but the newest N committed steps")
     p.add_argument(
         "--grace",
-        type=_duration,
+        type=duration,
         default=3600.0,
         help="leave data younger than this (default 1h: saves in progress)",
     )
@@ -340,17 +336,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_mirror_command(sub, parents=[common])
 
-    p = sub.add_parser("bench", help="run the benchmark harness (from a source checkout)")
+    # No help of its own: `shardckpt bench --help` shows the harness's options.
+    p = sub.add_parser(
+        "bench", add_help=False, help="run the benchmark harness (from a source checkout)"
+    )
     p.add_argument(
         "bench_args", nargs=argparse.REMAINDER, help="arguments for python -m benchmarks"
     )
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=lambda args: run_bench(args.bench_args))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:1] == ["bench"]:  # everything after it, --help included, is the harness's
+            return run_bench(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except ShardckptError as exc:
         print(f"shardckpt: error: {exc}", file=sys.stderr)

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -51,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardckpt._bytes import crc32c
+from shardckpt._duration import duration
 from shardckpt.errors import InvalidURIError, ShardckptError
 from shardckpt.store import ObjectInfo, ObjectStore, open_store
 
@@ -459,14 +459,6 @@ def _succeeded(job: Any, report: SyncReport) -> bool:
 
 
 # -- command line -----------------------------------------------------------------------------
-def _duration(text: str) -> float:
-    """'5', '5s', '2m', '1h' -> seconds."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|[smh]?)", text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 5s, 500ms, 2m)")
-    return float(match.group(1)) * {"ms": 0.001, "": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
-
-
 def add_mirror_command(
     subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()
 ) -> argparse.ArgumentParser:
@@ -481,11 +473,11 @@ def add_mirror_command(
     p.add_argument("local_dir", help="the directory training saves to")
     p.add_argument("uri", help="where to mirror it, e.g. s3://bucket/run")
     p.add_argument(
-        "--interval", type=_duration, default=5.0, help="time between passes (default 5s)"
+        "--interval", type=duration, default=5.0, help="time between passes (default 5s)"
     )
     p.add_argument(
         "--settle",
-        type=_duration,
+        type=duration,
         help="a plain file counts once unchanged this long (default: interval)",
     )
     p.add_argument("--once", action="store_true", help="one pass, then exit")

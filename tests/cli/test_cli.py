@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -122,3 +123,22 @@ def test_single_file_api_roundtrip(tmp_path) -> None:  # type: ignore[no-untyped
     shardckpt.save(torch.arange(7), str(tmp_path / "b"))
     assert torch.equal(shardckpt.load(str(tmp_path / "b")), torch.arange(7))
     assert os.path.exists(tmp_path / "b" / "manifest.json")
+
+
+def test_mirror_once_uploads_a_finished_file(
+    request: pytest.FixtureRequest, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    target = make_target("moto-boto3", request, tmp_path)
+    local = tmp_path / "ckpts"
+    local.mkdir()
+    torch.save({"w": torch.arange(5)}, local / "epoch1.pt")
+    time.sleep(0.05)
+    assert main(["mirror", str(local), target.uri, "--once", "--settle", "0s", *_args(target)]) == 0
+    store = open_store(target.uri, **target.options)
+    assert store.get("epoch1.pt") == (local / "epoch1.pt").read_bytes()
+
+
+def test_bench_forwards_its_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--help"])
+    assert info.value.code == 0 and "--quick" in capsys.readouterr().out
