@@ -16,7 +16,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
-from shardckpt.mirror import Mirror, _duration, add_mirror_command
+from shardckpt._duration import duration
+from shardckpt.mirror import Mirror, add_mirror_command
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.store.base import Buffer
 from shardckpt.store.s3_boto import BotoS3Store
@@ -217,9 +218,9 @@ def test_cli_once(tmp_path: Path, s3: Target, capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert f"uploaded {s3.uri}/ckpt/.metadata" in out and "0 pending" in out
     assert ".metadata" in [k.rsplit("/", 1)[-1] for k in _keys(open_store(s3.uri, **s3.options))]
-    assert _duration("2m") == 120 and _duration("5") == 5
+    assert duration("2m") == 120 and duration("5") == 5
     with pytest.raises(argparse.ArgumentTypeError):
-        _duration("soon")
+        duration("soon")
 
     standalone = argparse.ArgumentParser(prog="shardckpt")  # without the CLI's common options
     add_mirror_command(standalone.add_subparsers(dest="command"))
