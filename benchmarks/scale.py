@@ -36,7 +36,7 @@ from shardckpt.layout import Layout
 from shardckpt.manifest import ItemLocation, Manifest, ObjectRecord, StreamRecord
 from shardckpt.reader import read_manifest
 from shardckpt.store import LocalStore
-from shardckpt.writer import WriterOptions, commit
+from shardckpt.writer import WriterOptions, build_manifest, commit
 
 MiB = 1 << 20
 S3_PUT_PER_PREFIX = 3500  # requests per second S3 serves per prefix before SlowDown
@@ -105,15 +105,7 @@ def simulate(world: int, tensors: int, tmp: str) -> dict[str, Any]:
     results = [write_results(r, p, object_size) for r, p in enumerate(global_plans)]
 
     def build_and_commit() -> Manifest:
-        streams, locations = {}, {}
-        for rank_results in results:
-            for wr in rank_results:
-                if isinstance(wr.storage_data, StreamRecord):
-                    streams[wr.storage_data.rank] = wr.storage_data
-                else:
-                    locations[wr.index] = wr.storage_data
-        metadata.storage_data = locations
-        manifest = Manifest(metadata, streams, world)
+        manifest = build_manifest(metadata, results, {})
         commit(
             LocalStore(os.path.join(tmp, f"w{world}"), fsync=False),
             Layout(),

@@ -195,18 +195,7 @@ class ShardWriter(StorageWriter):
         return future
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        streams: dict[int, StreamRecord] = {}
-        locations: dict[MetadataIndex, ItemLocation] = {}
-        for rank_results in results:
-            for wr in rank_results:
-                if isinstance(wr.storage_data, StreamRecord):
-                    streams[wr.storage_data.rank] = wr.storage_data
-                else:
-                    locations[wr.index] = wr.storage_data
-        metadata.storage_data = locations
-        manifest = Manifest(
-            metadata, streams, world_size=len(results), attributes=dict(self._attributes)
-        )
+        manifest = build_manifest(metadata, results, dict(self._attributes))
         commit(self.store, self._layout, manifest, overwrite=self.options.overwrite)
         self.last_manifest = manifest
 
@@ -256,6 +245,22 @@ class ShardWriter(StorageWriter):
         self.last_stream = stream
         results.append(WriteResult(MetadataIndex(f"{_STREAM_FQN}.{self.rank}"), total, stream))
         return results
+
+
+def build_manifest(
+    metadata: Metadata, results: list[list[WriteResult]], attributes: dict[str, Any]
+) -> Manifest:
+    """The manifest of a save from every rank's write results (items and stream records)."""
+    streams: dict[int, StreamRecord] = {}
+    locations: dict[MetadataIndex, ItemLocation] = {}
+    for rank_results in results:
+        for wr in rank_results:
+            if isinstance(wr.storage_data, StreamRecord):
+                streams[wr.storage_data.rank] = wr.storage_data
+            else:
+                locations[wr.index] = wr.storage_data
+    metadata.storage_data = locations
+    return Manifest(metadata, streams, world_size=len(results), attributes=attributes)
 
 
 def commit(store: ObjectStore, layout: Layout, manifest: Manifest, *, overwrite: bool) -> None:
