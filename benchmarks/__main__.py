@@ -91,10 +91,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)  # first: --help and bad arguments leave the process's logging alone
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("shardckpt", "botocore", "boto3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    run(parse_args(argv))
+    run(args)
 
 
 if __name__ == "__main__":

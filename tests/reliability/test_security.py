@@ -191,7 +191,8 @@ def test_the_secret_key_never_shows(
     assert (
         os.environ.get("AWS_SECRET_ACCESS_KEY") == SECRET_KEY
     )  # the key in use: a leak is possible
-    caplog.set_level(logging.DEBUG)
+    for name in (None, "botocore", "shardckpt"):  # None: the root logger
+        caplog.set_level(logging.DEBUG, logger=name)
     proxy.set_rules(fault_mix())
     texts: list[str] = []
     uri = f"s3://{bucket}/run"
