@@ -13,9 +13,11 @@ the hashed-prefix layout. Writes ``benchmarks/results/scale.json`` and ``scale.p
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
+import pickle
 import resource
 import tempfile
 import time
@@ -33,10 +35,11 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 from torch.distributed.checkpoint.storage import WriteResult
 
 from shardckpt.layout import Layout
-from shardckpt.manifest import ItemLocation, Manifest, ObjectRecord, StreamRecord
+from shardckpt.manifest import Manifest, ObjectRecord, RankItems, StreamRecord
+from shardckpt.planner import UNCHANGED, ShardSavePlanner
 from shardckpt.reader import read_manifest
 from shardckpt.store import LocalStore
-from shardckpt.writer import WriterOptions, build_manifest, commit
+from shardckpt.writer import RankReport, WriterOptions, build_manifest, commit
 
 MiB = 1 << 20
 S3_PUT_PER_PREFIX = 3500  # requests per second S3 serves per prefix before SlowDown
@@ -64,28 +67,28 @@ def local_plan(rank: int, world: int, tensors: int, rows: int = 4096, cols: int 
     )
 
 
-def write_results(rank: int, plan: SavePlan, object_size: int) -> list[WriteResult]:
-    """What rank ``rank`` reports after uploading ``plan``: item locations in its stream, and
-    the stream's objects."""
-    results, offset = [], 0
+def report(rank: int, plan: SavePlan, object_size: int) -> RankReport:
+    """What rank ``rank`` sends the coordinator after uploading ``plan``: its stream's
+    objects and its items as columns (checksums are placeholders)."""
+    fqns, chunks, offsets, lengths = [], [], [], []
+    total = 0
     for item in plan.items:
         assert item.tensor_data is not None
-        length = item.tensor_data.chunk.sizes.numel() * 4
-        results.append(WriteResult(item.index, length, ItemLocation(rank, offset, length, 0)))
-        offset += length
+        chunk = item.tensor_data.chunk
+        fqns.append(item.index.fqn)
+        chunks.append([*chunk.offsets, *chunk.sizes])
+        offsets.append(total)
+        lengths.append(chunk.sizes.numel() * 4)
+        total += lengths[-1]
     layout = Layout(fanout=0)
     objects = tuple(
         ObjectRecord(
-            layout.data_name("attempt-sim", rank, i), min(object_size, offset - i * object_size), 0
+            layout.data_name("attempt-sim", rank, i), min(object_size, total - i * object_size), 0
         )
-        for i in range(-(-offset // object_size))
+        for i in range(-(-total // object_size))
     )
-    results.append(
-        WriteResult(
-            MetadataIndex(f"\x00stream.{rank}"), offset, StreamRecord(rank, object_size, objects)
-        )
-    )
-    return results
+    items = RankItems(rank, -1, fqns, chunks, offsets, lengths, [0] * len(fqns))
+    return RankReport(StreamRecord(rank, object_size, objects), items)
 
 
 def phase(name: str, out: dict[str, Any], fn: Callable[[], Any]) -> Any:
@@ -95,14 +98,43 @@ def phase(name: str, out: dict[str, Any], fn: Callable[[], Any]) -> Any:
     return value
 
 
-def simulate(world: int, tensors: int, tmp: str) -> dict[str, Any]:
+def unpickle_all(blobs: list[bytes]) -> list[Any]:
+    return [pickle.loads(b) for b in blobs]
+
+
+def simulate(
+    world: int, tensors: int, tmp: str, *, dcp_planner: bool, pause_gc: bool
+) -> dict[str, Any]:
+    """One save at ``world`` ranks, every coordinator step timed (the ranks' own steps,
+    which run in parallel on a real cluster, are timed for one rank). With ``pause_gc`` the
+    cyclic collector is off from the plans' gather to their scatter, as the Checkpointer's
+    planner does it."""
     out: dict[str, Any] = {"world": world, "tensors_per_rank": tensors, "items": world * tensors}
     object_size = WriterOptions().object_size
     plans = [local_plan(r, world, tensors) for r in range(world)]
-    planner = DefaultSavePlanner()
+    blobs = [pickle.dumps(p) for p in plans]
+    out["plan_pickle_mib"] = sum(map(len, blobs)) / MiB
+    if pause_gc:
+        gc.disable()
+    plans = phase("gather_plans", out, lambda: unpickle_all(blobs))
+    planner = ShardSavePlanner()
     planner.set_up_planner({}, is_coordinator=True)
     global_plans, metadata = phase("global_plan", out, lambda: planner.create_global_plan(plans))
-    results = [write_results(r, p, object_size) for r, p in enumerate(global_plans)]
+    if dcp_planner:  # DCP's own planner, for comparison
+        dcp = DefaultSavePlanner()
+        dcp.set_up_planner({}, is_coordinator=True)
+        phase("dcp_global_plan", out, lambda: dcp.create_global_plan(plans))
+    phase("scatter_plans", out, lambda: [pickle.dumps(p) for p in global_plans])
+    gc.enable()
+    finals = [  # what each rank's finish_plan makes of the plan it got
+        local if final.planner_data == UNCHANGED else final
+        for final, local in zip(global_plans, plans, strict=True)
+    ]
+    reports = [report(r, p, object_size) for r, p in enumerate(finals)]
+    phase("rank_report", out, lambda: pickle.dumps(reports[0]))  # each rank, in parallel
+    blobs = [pickle.dumps(r) for r in reports]
+    results = phase("gather_reports", out, lambda: unpickle_all(blobs))
+    results = [[WriteResult(MetadataIndex("report"), 0, r)] for r in results]
 
     def build_and_commit() -> Manifest:
         manifest = build_manifest(metadata, results, {})
@@ -117,8 +149,12 @@ def simulate(world: int, tensors: int, tmp: str) -> dict[str, Any]:
     manifest = phase("commit", out, build_and_commit)
     store = LocalStore(os.path.join(tmp, f"w{world}"))
     out["manifest_mib"] = store.head(Layout().manifest_key).size / MiB  # type: ignore[union-attr]
-    phase("parse", out, lambda: read_manifest(store, Layout()))
+    out["parsed_items"] = len(phase("parse", out, lambda: read_manifest(store, Layout()).locations))
     out["plan_and_commit_s"] = out["global_plan_s"] + out["commit_s"]
+    out["coordinator_s"] = sum(
+        out[f"{k}_s"]
+        for k in ("gather_plans", "global_plan", "scatter_plans", "gather_reports", "commit")
+    )
     out["peak_rss_mib"] = (
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )  # grows with W: runs go up
@@ -163,11 +199,22 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     worlds = [r["world"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label in (
-        ("global_plan_s", "DCP global plan"),
+        ("dcp_global_plan_s", "global plan, DCP's DefaultSavePlanner"),
+        ("global_plan_s", "global plan, ShardSavePlanner"),
         ("commit_s", "manifest build + commit"),
+        ("coordinator_s", "coordinator total (incl. gather/scatter pickles)"),
         ("parse_s", "manifest parse (per loader)"),
     ):
-        left.plot(worlds, [r[key] for r in rows], marker="o", label=label)
+        points = [(r["world"], r[key]) for r in rows if key in r]
+        left.plot(*zip(*points, strict=True), marker="o", label=label)
+    first = rows[0]  # a line through the first point: what linear growth would be
+    left.plot(
+        worlds,
+        [first["coordinator_s"] * w / first["world"] for w in worlds],
+        linestyle=":",
+        color="gray",
+        label="linear in ranks",
+    )
     left.set(
         xscale="log",
         yscale="log",
@@ -188,6 +235,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     )
     parser.add_argument("--worlds", type=int, nargs="+", default=[8, 64, 256, 1024])
     parser.add_argument("--tensors", type=int, default=1000)
+    parser.add_argument(
+        "--dcp-up-to", type=int, default=256, help="also time DCP's planner up to this world size"
+    )
+    parser.add_argument(
+        "--gc-on", action="store_true", help="leave the collector on while planning"
+    )
     parser.add_argument("--quick", action="store_true", help="worlds 8 and 64, 100 tensors")
     parser.add_argument(
         "--out", default=os.path.join(os.path.dirname(__file__), "results", "scale.json")
@@ -198,15 +251,22 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for world in args.worlds:
-            row = simulate(world, args.tensors, tmp)
+            row = simulate(
+                world,
+                args.tensors,
+                tmp,
+                dcp_planner=world <= args.dcp_up_to,
+                pause_gc=not args.gc_on,
+            )
             gib_per_rank = 1 << 30
             row["rates"] = {
                 f"fanout={f}": request_rates(world, gib_per_rank, f) for f in (0, 16, 64)
             }
             rows.append(row)
             print(
-                f"W={world:5d} items={row['items']:8d}  plan {row['global_plan_s']:6.2f}s  commit {row['commit_s']:6.2f}s"
-                f"  parse {row['parse_s']:6.2f}s  manifest {row['manifest_mib']:7.1f} MiB  peak RSS {row['peak_rss_mib']:7.0f} MiB"
+                f"W={world:5d} items={row['items']:8d}  plan {row['global_plan_s']:6.2f}s"
+                f" (DCP's {row.get('dcp_global_plan_s', float('nan')):6.2f}s)  commit {row['commit_s']:6.2f}s"
+                f"  coordinator {row['coordinator_s']:6.2f}s  parse {row['parse_s']:6.2f}s  manifest {row['manifest_mib']:7.1f} MiB  peak RSS {row['peak_rss_mib']:7.0f} MiB"
                 f"  PUT/s per prefix (1 GiB/rank): {row['rates']['fanout=0']['per_prefix_per_s']:8.0f} -> "
                 f"{row['rates']['fanout=64']['per_prefix_per_s']:6.0f} with fanout=64",
                 flush=True,

@@ -22,6 +22,7 @@ from shardckpt.errors import (
     StateDictMismatchError,
     StoreError,
 )
+from shardckpt.planner import ShardSavePlanner
 from shardckpt.reader import ShardReader
 from shardckpt.single import load, save
 from shardckpt.staging import PinnedStager
@@ -43,6 +44,7 @@ __all__ = [
     "ObjectNotFoundError",
     "SaveFailedError",
     "ShardReader",
+    "ShardSavePlanner",
     "ShardWriter",
     "ShardckptError",
     "StateDictMismatchError",

@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from shardckpt.catalog import committed_steps, delete_checkpoint, step_name
 from shardckpt.errors import (
@@ -35,6 +34,7 @@ from shardckpt.errors import (
 )
 from shardckpt.gc import GcReport, collect_garbage
 from shardckpt.layout import Layout
+from shardckpt.planner import ShardSavePlanner
 from shardckpt.reader import ShardReader, check_state_dict, read_manifest
 from shardckpt.staging import HostStaging
 from shardckpt.store import LocalStore, open_store
@@ -190,7 +190,7 @@ class Checkpointer:
         self.rank = dist.get_rank(self._group) if self._group is not None else 0
         self.staging = HostStaging()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-save")
-        self._planner = DefaultSavePlanner(enable_plan_caching=True)
+        self._planner = ShardSavePlanner(enable_plan_caching=True, pause_gc=True)
         self._pending: SaveHandle | None = None
         self._known_steps = set(self.steps())
         self.history: list[SaveStats] = []
@@ -273,6 +273,8 @@ class Checkpointer:
             raise SaveFailedError(
                 f"save of step {step} to {self.store.uri(step_name(step))} failed on rank {self.rank}: {exc}"
             ) from exc
+        finally:
+            self._planner.resume_gc()
         if self.keep_last is not None and self.rank == 0:
             self._apply_retention()
         if isinstance(self.store, TieredStore):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -23,10 +24,11 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from shardckpt._gc import gc_paused
 from shardckpt.errors import ManifestError
 
 FORMAT = "shardckpt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -76,30 +78,71 @@ class StreamRecord:
 @dataclass(frozen=True)
 class ItemLocation:
     """Where one DCP item (a tensor chunk or a serialized value) lives: ``length`` bytes at
-    ``offset`` of rank ``rank``'s stream, with their CRC32C."""
+    ``offset`` of stream ``stream`` (an index in :attr:`Manifest.streams`), their CRC32C,
+    and for a tensor chunk its shape."""
 
-    rank: int
+    stream: int
     offset: int
     length: int
     crc32c: int
+    chunk: torch.Size | None = None
+
+
+@dataclass(frozen=True)
+class RankItems:
+    """One rank's items of a save, as columns: cheap to gather, encode and parse at thousands
+    of ranks x thousands of tensors. Item ``i`` is value ``fqns[i]``; ``chunks[i]`` is its
+    chunk's offsets then sizes (None for a non-tensor value); its bytes are ``lengths[i]``
+    bytes at ``offsets[i]`` of stream ``stream``, with CRC32C ``crcs[i]``."""
+
+    rank: int
+    stream: int
+    fqns: list[str]
+    chunks: list[list[int] | None]
+    offsets: list[int]
+    lengths: list[int]
+    crcs: list[int]
+
+    def __post_init__(self) -> None:
+        n = len(self.fqns)
+        if not len(self.chunks) == len(self.offsets) == len(self.lengths) == len(self.crcs) == n:
+            raise ValueError(f"rank {self.rank}'s item columns differ in length")
 
 
 @dataclass
 class Manifest:
     metadata: Metadata
-    streams: dict[int, StreamRecord]
+    streams: list[StreamRecord]
+    items: list[RankItems]
     world_size: int
     created: float = field(default_factory=time.time)
     attributes: dict[str, Any] = field(default_factory=dict)
     version: int = FORMAT_VERSION
 
-    @property
+    @cached_property
     def locations(self) -> dict[MetadataIndex, ItemLocation]:
-        return self.metadata.storage_data
+        """Every item's location, keyed as DCP's read items name them (built on first use)."""
+        sizes = _SizeCache()
+        out: dict[MetadataIndex, ItemLocation] = {}
+        with gc_paused():
+            self._add_locations(out, sizes)
+        return out
+
+    def _add_locations(self, out: dict[MetadataIndex, ItemLocation], sizes: _SizeCache) -> None:
+        for table in self.items:
+            for fqn, chunk, offset, length, crc in zip(
+                table.fqns, table.chunks, table.offsets, table.lengths, table.crcs, strict=True
+            ):
+                if chunk is None:
+                    out[MetadataIndex(fqn)] = ItemLocation(table.stream, offset, length, crc)
+                    continue
+                half = len(chunk) // 2
+                index = MetadataIndex(fqn, sizes(chunk[:half]))
+                out[index] = ItemLocation(table.stream, offset, length, crc, sizes(chunk[half:]))
 
     @property
     def objects(self) -> list[ObjectRecord]:
-        return [o for s in self.streams.values() for o in s.objects]
+        return [o for s in self.streams for o in s.objects]
 
     @property
     def total_bytes(self) -> int:
@@ -107,6 +150,25 @@ class Manifest:
 
     def to_json(self) -> bytes:
         md = self.metadata
+        tensors = _encode_state_dict_metadata(md.state_dict_metadata)
+        ids = {fqn: i for i, fqn in enumerate(tensors["tensors"])}
+        try:
+            items = [
+                {
+                    "rank": t.rank,
+                    "stream": t.stream,
+                    "fqn": [ids[f] for f in t.fqns],
+                    "chunk": t.chunks,
+                    "offset": t.offsets,
+                    "length": t.lengths,
+                    "crc32c": t.crcs,
+                }
+                for t in self.items
+            ]
+        except KeyError as exc:
+            raise ManifestError(
+                f"item {exc.args[0]!r} was written but is not in the plan's metadata"
+            ) from None
         doc = {
             "format": FORMAT,
             "version": self.version,
@@ -114,37 +176,31 @@ class Manifest:
             "created": self.created,
             "attributes": self.attributes,
             "dcp_version": md.version,
-            **_encode_state_dict_metadata(md.state_dict_metadata),
+            **tensors,
             "planner_data": _encode_plain(md.planner_data),
             "storage_meta": None
             if md.storage_meta is None
             else _encode_storage_meta(md.storage_meta),
-            "items": [
-                [
-                    i.fqn,
-                    None if i.offset is None else list(i.offset),
-                    i.index,
-                    loc.rank,
-                    loc.offset,
-                    loc.length,
-                    loc.crc32c,
-                ]
-                for i, loc in md.storage_data.items()
-            ],
             "streams": [
                 {
                     "rank": s.rank,
                     "object_size": s.object_size,
                     "objects": [[o.key, o.size, o.crc32c] for o in s.objects],
                 }
-                for s in self.streams.values()
+                for s in self.streams
             ],
+            "items": items,
         }
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, data: bytes, uri: str) -> Manifest:
         """Parse a manifest, raising :class:`ManifestError` naming ``uri`` on any problem."""
+        with gc_paused():
+            return cls._from_json(data, uri)
+
+    @classmethod
+    def _from_json(cls, data: bytes, uri: str) -> Manifest:
         try:
             doc = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -162,46 +218,101 @@ class Manifest:
                 "(upgrade shardckpt to read newer checkpoints)"
             )
         try:
-            streams = {
-                int(s["rank"]): StreamRecord(
+            streams = [
+                StreamRecord(
                     int(s["rank"]),
                     int(s["object_size"]),
                     tuple(ObjectRecord(str(k), int(n), int(c)) for k, n, c in s["objects"]),
                 )
                 for s in doc["streams"]
-            }
-            locations = {
-                MetadataIndex(fqn, None if off is None else torch.Size(off), idx): ItemLocation(
-                    r, o, n, c
-                )
-                for fqn, off, idx, r, o, n, c in doc["items"]
-            }
+            ]
+            state_dict_metadata, names = _decode_state_dict_metadata(doc)
+            items = [_decode_items(t, names, len(streams)) for t in doc["items"]]
+            _add_chunks(state_dict_metadata, items)
             metadata = Metadata(
-                state_dict_metadata=_decode_state_dict_metadata(doc),
+                state_dict_metadata=state_dict_metadata,
                 planner_data=_decode_plain(doc["planner_data"]),
-                storage_data=locations,
                 storage_meta=None
                 if doc["storage_meta"] is None
                 else StorageMeta(**doc["storage_meta"]),
                 version=doc["dcp_version"],
             )
-            manifest = cls(
+            return cls(
                 metadata,
                 streams,
+                items,
                 int(doc["world_size"]),
                 float(doc["created"]),
                 dict(doc["attributes"]),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise ManifestError(
                 f"{uri} is a corrupt manifest: {type(exc).__name__}: {exc}"
             ) from None
-        for loc in locations.values():
-            if loc.rank not in streams:
-                raise ManifestError(
-                    f"{uri} is a corrupt manifest: an item refers to rank {loc.rank}, which wrote nothing"
+
+
+def _decode_items(doc: dict[str, Any], names: list[str], streams: int) -> RankItems:
+    stream = int(doc["stream"])
+    if not 0 <= stream < streams:
+        raise ValueError(f"rank {doc['rank']}'s items are in stream {stream}, which is not listed")
+    ids = _naturals(doc["fqn"], "names")
+    if ids and max(ids) >= len(names):
+        raise ValueError(f"rank {doc['rank']}'s items name value {max(ids)} of {len(names)}")
+    return RankItems(
+        int(doc["rank"]),
+        stream,
+        [names[i] for i in ids],
+        doc["chunk"],
+        _naturals(doc["offset"], "offsets"),
+        _naturals(doc["length"], "lengths"),
+        _naturals(doc["crc32c"], "checksums"),
+    )
+
+
+def _naturals(values: Any, what: str) -> list[int]:
+    if not isinstance(values, list) or not all(type(v) is int and v >= 0 for v in values):
+        raise ValueError(f"item {what} are not a list of non-negative integers")
+    return values
+
+
+def _add_chunks(
+    state_dict_metadata: dict[str, TensorStorageMetadata | BytesStorageMetadata],
+    items: list[RankItems],
+) -> None:
+    """Rebuild every tensor's chunk list from the items (the manifest stores each chunk once,
+    with its item)."""
+    sizes = _SizeCache()
+    for table in items:
+        for fqn, chunk in zip(table.fqns, table.chunks, strict=True):
+            md = state_dict_metadata[fqn]
+            if isinstance(md, BytesStorageMetadata) or chunk is None:
+                if isinstance(md, BytesStorageMetadata) and chunk is None:
+                    continue
+                raise ValueError(
+                    f"{fqn!r} is stored as {'a value' if chunk is None else 'a tensor chunk'} but described otherwise"
                 )
-        return manifest
+            half = len(md.size)
+            if len(chunk) != 2 * half:
+                raise ValueError(
+                    f"a chunk of {fqn!r} has {len(chunk)} bounds for {half} dimensions"
+                )
+            md.chunks.append(ChunkStorageMetadata(sizes(chunk[:half]), sizes(chunk[half:])))
+
+
+class _SizeCache:
+    """``torch.Size`` per distinct shape: shapes repeat, and building a Size is slow."""
+
+    def __init__(self) -> None:
+        self._sizes: dict[tuple[int, ...], torch.Size] = {}
+
+    def __call__(self, values: list[int]) -> torch.Size:
+        key = tuple(values)
+        found = self._sizes.get(key)
+        if found is None:
+            if not all(isinstance(v, int) for v in key):
+                raise ValueError(f"{list(values)} is not a list of integers")
+            found = self._sizes[key] = torch.Size(key)
+        return found
 
 
 def _name(value: Any) -> str:
@@ -210,8 +321,8 @@ def _name(value: Any) -> str:
 
 def _encode_state_dict_metadata(items: dict[str, Any]) -> dict[str, Any]:
     """``props``: the distinct tensor properties (a model has a handful); ``tensors``: per
-    key ``[props index, size, [[offsets, sizes], ...]]``, or ``"bytes"`` for other values.
-    The table keeps a 100k-tensor manifest small and fast to parse."""
+    name ``[props index, size]``, or ``"bytes"`` for other values. Chunks are stored with
+    their items."""
     props: dict[tuple[Any, ...], int] = {}
     tensors: dict[str, Any] = {}
     for fqn, md in items.items():
@@ -227,7 +338,7 @@ def _encode_state_dict_metadata(items: dict[str, Any]) -> dict[str, Any]:
             p.pin_memory,
         )
         index = props.setdefault(key, len(props))
-        tensors[fqn] = [index, list(md.size), [[list(c.offsets), list(c.sizes)] for c in md.chunks]]
+        tensors[fqn] = [index, list(md.size)]
     return {"props": [list(k) for k in props], "tensors": tensors}
 
 
@@ -241,7 +352,8 @@ def _torch_attr(name: str, kind: type) -> Any:
 
 def _decode_state_dict_metadata(
     doc: dict[str, Any],
-) -> dict[str, TensorStorageMetadata | BytesStorageMetadata]:
+) -> tuple[dict[str, TensorStorageMetadata | BytesStorageMetadata], list[str]]:
+    """The values' descriptions (tensors without their chunks yet), and their names in order."""
     props = [
         TensorProperties(
             dtype=_torch_attr(dtype, torch.dtype),
@@ -252,25 +364,14 @@ def _decode_state_dict_metadata(
         )
         for dtype, layout, requires_grad, memory_format, pin_memory in doc["props"]
     ]
-    sizes: dict[tuple[int, ...], torch.Size] = {}  # shapes repeat; torch.Size() is slow to build
-
-    def size(values: list[int]) -> torch.Size:
-        key = tuple(int(v) for v in values)
-        found = sizes.get(key)
-        if found is None:
-            found = sizes[key] = torch.Size(key)
-        return found
-
     out: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
     for fqn, entry in doc["tensors"].items():
         if entry == "bytes":
             out[fqn] = BytesStorageMetadata()
             continue
-        index, shape, chunks = entry
-        out[fqn] = TensorStorageMetadata(
-            props[index], size(shape), [ChunkStorageMetadata(size(o), size(s)) for o, s in chunks]
-        )
-    return out
+        index, shape = entry
+        out[fqn] = TensorStorageMetadata(props[index], torch.Size(shape), [])
+    return out, list(out)
 
 
 def _encode_storage_meta(meta: StorageMeta) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 
@@ -183,21 +183,10 @@ class ShardReader(StorageReader):
             )
         if item.type == LoadItemType.TENSOR:
             target = planner.resolve_tensor(item).detach()
-            if direct_ok and _fills_whole(
-                target, item, location, self._chunk_shape(item.storage_index)
-            ):
+            if direct_ok and _fills_whole(target, item, location):
                 return _Destination(item, location, byte_view_of(target), target, direct=True)
             return _Destination(item, location, empty_bytes(location.length), target)
         return _Destination(item, location, empty_bytes(location.length))
-
-    def _chunk_shape(self, index: MetadataIndex) -> torch.Size:
-        assert self.manifest is not None
-        md = self.manifest.metadata.state_dict_metadata[index.fqn]
-        assert isinstance(md, TensorStorageMetadata)
-        for chunk in md.chunks:
-            if index.offset is None or chunk.offsets == index.offset:
-                return chunk.sizes
-        raise ManifestError(f"no chunk of {index.fqn} at offset {list(index.offset)}")
 
     def _fetch(self, destinations: list[_Destination]) -> None:
         """GET every destination's bytes: ranges grouped per object, coalesced, in parallel;
@@ -205,7 +194,7 @@ class ShardReader(StorageReader):
         assert self.manifest is not None
         per_object: dict[str, list[tuple[int, memoryview]]] = defaultdict(list)
         for dest in destinations:
-            stream: StreamRecord = self.manifest.streams[dest.location.rank]
+            stream: StreamRecord = self.manifest.streams[dest.location.stream]
             dest.pieces = stream.pieces(dest.location.offset, dest.location.length)
             for obj, start, length, at in dest.pieces:
                 per_object[self._layout.resolve(obj.key)].append(
@@ -251,7 +240,8 @@ class ShardReader(StorageReader):
                 if len(dest.buffer)
                 else torch.empty(0, dtype=md.properties.dtype)
             )
-            stored = stored.reshape(self._chunk_shape(item.storage_index))
+            assert dest.location.chunk is not None
+            stored = stored.reshape(dest.location.chunk)
             narrowed = narrow_tensor_by_index(stored, item.storage_offsets, item.lengths)
             if narrowed.shape != dest.target.shape:
                 raise ManifestError(
@@ -261,16 +251,14 @@ class ShardReader(StorageReader):
         planner.commit_tensor(item, dest.target)
 
 
-def _fills_whole(
-    target: torch.Tensor, item: ReadItem, location: ItemLocation, chunk_shape: torch.Size
-) -> bool:
+def _fills_whole(target: torch.Tensor, item: ReadItem, location: ItemLocation) -> bool:
     """Whether the stored chunk can be read straight into ``target``'s memory."""
     return (
         target.device.type == "cpu"
         and target.is_contiguous()
         and all(o == 0 for o in item.storage_offsets)
-        and tuple(item.lengths) == tuple(chunk_shape)
-        and tuple(target.shape) == tuple(chunk_shape)
+        and tuple(item.lengths) == tuple(location.chunk or ())
+        and tuple(target.shape) == tuple(location.chunk or ())
         and target.numel() * target.element_size() == location.length
     )
 

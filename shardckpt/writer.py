@@ -9,6 +9,7 @@ parallel. The coordinator writes the manifest only after every rank's objects ar
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -18,7 +19,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
+from torch.distributed.checkpoint.metadata import (
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
@@ -30,7 +36,7 @@ from shardckpt.errors import (
     SaveFailedError,
 )
 from shardckpt.layout import Layout, new_attempt_id
-from shardckpt.manifest import ItemLocation, Manifest, ObjectRecord, StreamRecord
+from shardckpt.manifest import Manifest, ObjectRecord, RankItems, StreamRecord
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.store.base import gather, slice_views
 from shardckpt.uri import parse_uri
@@ -38,8 +44,8 @@ from shardckpt.uri import parse_uri
 logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
-# A write result under this name carries a rank's StreamRecord to the coordinator.
-_STREAM_FQN = "\x00shardckpt.stream"
+# A rank's single write result, carrying its RankReport to the coordinator, has this name.
+_REPORT_FQN = "\x00shardckpt.report"
 
 
 @dataclass(frozen=True)
@@ -177,7 +183,8 @@ class ShardWriter(StorageWriter):
     def write_data(
         self, plan: SavePlan, planner: SavePlanner
     ) -> torch.futures.Future[list[WriteResult]]:
-        buffers: list[tuple[MetadataIndex, memoryview]] = []
+        chunks: list[list[int] | None] = []
+        views: list[memoryview] = []
         for item in plan.items:
             try:
                 data = planner.resolve_data(item)
@@ -186,12 +193,16 @@ class ShardWriter(StorageWriter):
                     f"{self.uri}: {item.index.fqn!r} cannot be saved: {type(exc).__name__}: {exc}"
                 ) from exc
             if item.type == WriteItemType.BYTE_IO:
-                buffers.append((item.index, data.getbuffer()))
+                chunks.append(None)
+                views.append(data.getbuffer())
             else:
-                buffers.append((item.index, tensor_bytes(data)))
-        results = self.write_buffers(buffers)
+                assert item.tensor_data is not None
+                chunk = item.tensor_data.chunk
+                chunks.append([*chunk.offsets, *chunk.sizes])
+                views.append(tensor_bytes(data))
+        report = self.write_stream([item.index.fqn for item in plan.items], chunks, views)
         future: torch.futures.Future[list[WriteResult]] = torch.futures.Future()
-        future.set_result(results)
+        future.set_result([WriteResult(MetadataIndex(f"{_REPORT_FQN}.{self.rank}"), 0, report)])
         return future
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
@@ -200,14 +211,15 @@ class ShardWriter(StorageWriter):
         self.last_manifest = manifest
 
     # -- the data path ----------------------------------------------------------------------
-    def write_buffers(self, buffers: list[tuple[MetadataIndex, memoryview]]) -> list[WriteResult]:
-        """Upload ``buffers`` as this rank's stream; return DCP write results (one per item,
-        plus one carrying the stream's object records to the coordinator)."""
+    def write_stream(
+        self, fqns: list[str], chunks: list[list[int] | None], views: list[memoryview]
+    ) -> RankReport:
+        """Upload ``views`` (the bytes of the items ``fqns`` / ``chunks``) as this rank's
+        stream; return what the coordinator needs for the manifest."""
         offsets, total = [], 0
-        for _, view in buffers:
+        for view in views:
             offsets.append(total)
             total += len(view)
-        views = [v for _, v in buffers]
         object_size = self.options.object_size_for(total)
         count = -(-total // object_size)
         names = [self._layout.data_name(self.attempt, self.rank, i) for i in range(count)]
@@ -237,30 +249,46 @@ class ShardWriter(StorageWriter):
         logger.debug(
             "rank %d wrote %d bytes in %d objects in %.3fs", self.rank, total, count, elapsed
         )
-        results = [
-            WriteResult(index, len(view), ItemLocation(self.rank, off, len(view), crc))
-            for (index, view), off, crc in zip(buffers, offsets, checksums, strict=True)
-        ]
         stream = StreamRecord(self.rank, object_size, objects)
         self.last_stream = stream
-        results.append(WriteResult(MetadataIndex(f"{_STREAM_FQN}.{self.rank}"), total, stream))
-        return results
+        lengths = [len(v) for v in views]
+        return RankReport(
+            stream, RankItems(self.rank, -1, fqns, chunks, offsets, lengths, checksums)
+        )
+
+
+@dataclass(frozen=True)
+class RankReport:
+    """What a rank sends the coordinator after its upload (DCP gathers one per rank): its
+    stream's objects and its items, as columns (one object, not one per item: gathering a
+    million write results would cost more than the rest of the commit)."""
+
+    stream: StreamRecord
+    items: RankItems
 
 
 def build_manifest(
     metadata: Metadata, results: list[list[WriteResult]], attributes: dict[str, Any]
 ) -> Manifest:
-    """The manifest of a save from every rank's write results (items and stream records)."""
-    streams: dict[int, StreamRecord] = {}
-    locations: dict[MetadataIndex, ItemLocation] = {}
-    for rank_results in results:
-        for wr in rank_results:
-            if isinstance(wr.storage_data, StreamRecord):
-                streams[wr.storage_data.rank] = wr.storage_data
-            else:
-                locations[wr.index] = wr.storage_data
-    metadata.storage_data = locations
-    return Manifest(metadata, streams, world_size=len(results), attributes=attributes)
+    """The manifest of a save from every rank's report."""
+    reports = [wr.storage_data for rank_results in results for wr in rank_results]
+    if not all(isinstance(r, RankReport) for r in reports):
+        raise SaveFailedError("a rank reported write results that ShardWriter did not make")
+    reports.sort(key=lambda r: r.stream.rank)
+    written = sum(len(r.items.fqns) for r in reports)
+    planned = sum(
+        len(md.chunks) if isinstance(md, TensorStorageMetadata) else 1
+        for md in metadata.state_dict_metadata.values()
+    )
+    if written != planned:
+        raise SaveFailedError(f"the ranks wrote {written} items, but the plan has {planned}")
+    return Manifest(
+        metadata,
+        [r.stream for r in reports],
+        [dataclasses.replace(r.items, stream=i) for i, r in enumerate(reports)],
+        world_size=len(results),
+        attributes=attributes,
+    )
 
 
 def commit(store: ObjectStore, layout: Layout, manifest: Manifest, *, overwrite: bool) -> None:
