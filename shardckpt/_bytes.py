@@ -1,8 +1,10 @@
-"""Raw bytes of tensors and CRC32C over buffers, without copies where the memory allows."""
+"""Raw bytes of tensors and checksums over buffers, without copies where the memory allows."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
 
 import crc32c as _crc32c
 import numpy as np
@@ -64,3 +66,16 @@ def crc32c_of(views: Sequence[memoryview]) -> list[int]:
 def empty_bytes(n: int) -> memoryview:
     """An uninitialized writable byte buffer (numpy: no zero-fill, unlike bytearray)."""
     return memoryview(np.empty(n, dtype=np.uint8))
+
+
+def crc32_of(views: Sequence[memoryview]) -> list[int]:
+    """The zlib CRC-32 of each view (zlib releases the GIL on large buffers)."""
+    return [zlib.crc32(v) for v in views]
+
+
+def per_view(
+    pool: Executor, fn: Callable[[Sequence[memoryview]], list[int]], views: Sequence[memoryview]
+) -> list[Future[list[int]]]:
+    """``fn`` (``crc32c_of``, ``crc32_of``) over ``views`` in batches on ``pool``; the
+    concatenated results of the futures are one value per view."""
+    return [pool.submit(fn, views[r.start : r.stop]) for r in batches(views)]

@@ -25,14 +25,15 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from shardckpt.catalog import committed_steps, delete_checkpoint, step_name
+from shardckpt.catalog import committed_steps, step_name
 from shardckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     SaveFailedError,
     ShardckptError,
 )
-from shardckpt.gc import GcReport, collect_garbage
+from shardckpt.gc import GcReport, collect_garbage, retire_checkpoints
+from shardckpt.incremental import ContentIndex
 from shardckpt.layout import Layout
 from shardckpt.planner import ShardSavePlanner
 from shardckpt.reader import ShardReader, check_state_dict, read_manifest
@@ -49,8 +50,9 @@ class SaveStats:
     """Figures of one save on this rank. Seconds: ``blocked_s`` (the training step was
     blocked), ``snapshot_s`` (until the host copy was complete; equals ``blocked_s`` unless
     overlapping), ``upload_s`` (upload and commit), ``total_s`` (save call to committed).
-    ``bytes`` and ``objects`` this rank wrote; ``requests``, ``retries`` and ``throttled``
-    (503 SlowDown replies) this save cost the store, retention included."""
+    ``bytes`` and ``objects`` this rank wrote; ``reused_bytes`` of them an incremental save
+    did not upload (an earlier checkpoint holds them); ``requests``, ``retries`` and
+    ``throttled`` (503 SlowDown replies) this save cost the store, retention included."""
 
     step: int
     rank: int
@@ -60,6 +62,7 @@ class SaveStats:
     upload_s: float = 0.0
     total_s: float = 0.0
     objects: int = 0
+    reused_bytes: int = 0
     requests: int = 0
     retries: int = 0
     throttled: int = 0
@@ -148,6 +151,11 @@ class Checkpointer:
     the optimizer(s) given to :meth:`attach` wait for it before their next ``step``. Safe
     when nothing but those optimizers modifies the saved tensors in between (not, e.g.,
     BatchNorm running statistics updated by forward, or manual in-place edits of weights).
+    ``incremental``: upload only items whose bytes the newest committed checkpoint does not
+    already hold (frozen layers, unchanged buffers); the manifest references the others
+    where they are, and retention and gc keep data while any manifest references it.
+    ``shared_load``: data every rank loads (a replicated model) is fetched once per job and
+    broadcast over the Checkpointer's gloo group instead of fetched by every rank.
     Other options go to :class:`~shardckpt.writer.WriterOptions` (``object_size``,
     ``num_threads``, ``fanout``) and the store (``endpoint``, ``region``, ...).
     """
@@ -164,6 +172,8 @@ class Checkpointer:
         overlap: bool = False,
         on_stats: Callable[[SaveStats | LoadStats], None] | None = None,
         local_copy: str | os.PathLike[str] | None = None,
+        incremental: bool = False,
+        shared_load: bool = False,
         **options: Any,
     ) -> None:
         if keep_last is not None and keep_last < 1:
@@ -176,6 +186,8 @@ class Checkpointer:
         self.trusted = trusted
         self.overlap = overlap
         self.on_stats = on_stats
+        self.incremental = incremental
+        self.shared_load = shared_load
         self._hooks: list[Any] = []
         self._snapshot_wait: Callable[[], None] | None = None
         self.writer_options, store_options = _split_options(options)
@@ -259,7 +271,12 @@ class Checkpointer:
         before = self.store.stats.copy()
         layout = Layout(step_name(step), self.writer_options.fanout)
         writer = ShardWriter._for_checkpoint(
-            self.store, layout, self.store.uri(step_name(step)), {"step": step}, self.writer_options
+            self.store,
+            layout,
+            self.store.uri(step_name(step)),
+            {"step": step},
+            self.writer_options,
+            self._base_for(step),
         )
         try:
             dcp.save(
@@ -282,6 +299,7 @@ class Checkpointer:
         now = time.perf_counter()
         stats.total_s, stats.upload_s = now - started, now - started - stats.snapshot_s
         stats.objects = len(writer.last_stream.objects) if writer.last_stream else 0
+        stats.reused_bytes = writer.last_reused
         spent = self.store.stats.copy() - before
         stats.requests, stats.retries, stats.throttled = (
             spent.requests,
@@ -292,6 +310,17 @@ class Checkpointer:
         _log_stats("save", stats)
         if self.on_stats is not None:
             self.on_stats(stats)
+
+    def _base_for(self, step: int) -> ContentIndex | None:
+        """For an incremental save: the newest committed checkpoint before ``step``, by
+        content. Retention always keeps it, so what this save reuses cannot vanish."""
+        if not self.incremental:
+            return None
+        earlier = [s for s in self.steps() if s < step]
+        if not earlier:
+            return ContentIndex()
+        name = step_name(earlier[-1])
+        return ContentIndex(read_manifest(self.store, Layout(name)), name)
 
     def _raise_background_error(self) -> None:
         """Raise the error of a finished background save, once."""
@@ -332,7 +361,12 @@ class Checkpointer:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         layout = Layout(step_name(step))
         reader = ShardReader._for_checkpoint(
-            self.store, layout, self.store.uri(step_name(step)), trusted=self.trusted
+            self.store,
+            layout,
+            self.store.uri(step_name(step)),
+            trusted=self.trusted,
+            shared_fetch=self.shared_load,
+            process_group=self._group,
         )
         reader.manifest = read_manifest(self.store, layout)
         check_state_dict(state_dict, reader.manifest.metadata, reader.uri)
@@ -363,9 +397,9 @@ class Checkpointer:
     def _apply_retention(self) -> None:
         assert self.keep_last is not None
         try:
-            steps = self.steps()
-            for step in steps[: -self.keep_last]:
-                delete_checkpoint(self.store, Layout(step_name(step)))
+            expired = self.steps()[: -self.keep_last]
+            if expired:
+                retire_checkpoints(self.store, [Layout(step_name(s)) for s in expired])
         except Exception as exc:  # the checkpoint stays; gc can remove it later
             warnings.warn(
                 f"shardckpt: retention could not delete old checkpoints: {exc}", stacklevel=1

@@ -229,13 +229,12 @@ def cmd_cp(args: argparse.Namespace) -> int:
         manifest = read_manifest(src, layout)
         progress = _Progress(len(manifest.objects), f"cp {src.uri(layout.prefix)}")
 
-        def copy(name: str, layout: Layout = layout, progress: _Progress = progress) -> None:
-            key = layout.resolve(name)
+        def copy(key: str, progress: _Progress = progress) -> None:
             dst.put(key, [src.get(key)])
             progress.step()
 
-        with ThreadPoolExecutor(args.threads) as pool:
-            list(pool.map(copy, [o.key for o in manifest.objects]))
+        with ThreadPoolExecutor(args.threads) as pool:  # reused streams: their homes' keys
+            list(pool.map(copy, layout.object_keys(manifest.streams)))
         try:  # the manifest last: the copy exists only once all its data does
             dst.put(manifest_key, [manifest_bytes], if_absent=not args.overwrite)
         except ObjectExistsError:

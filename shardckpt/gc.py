@@ -1,7 +1,9 @@
 """Garbage collection: data no manifest references, unfinished uploads, old checkpoints.
 
-Never touches a committed checkpoint's referenced data, nor anything younger than the grace
-period (a save may still be writing it). Retention deletes manifests before data.
+Never touches data that a committed manifest references (its own, or a sibling's that an
+incremental save reuses), nor anything younger than the grace period (a save may still be
+writing it). Retention deletes manifests before data, and data only once no remaining
+manifest references it: a crash at any point leaves every remaining checkpoint loadable.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from shardckpt.catalog import CheckpointEntry, delete_checkpoint, find_checkpoints
+from shardckpt.catalog import CheckpointEntry, find_checkpoints
+from shardckpt.errors import CheckpointNotFoundError, IncompleteCheckpointError
+from shardckpt.layout import Layout
 from shardckpt.reader import read_manifest
 from shardckpt.store import ObjectStore
 
@@ -47,13 +51,13 @@ def collect_garbage(
     entries = find_checkpoints(store)
     committed = [e for e in entries if e.committed and e.step is not None]
     retire = committed[:-keep_last] if keep_last else []
-    for entry in retire:
-        report.retired_checkpoints.append(store.uri(entry.prefix))
-        if not dry_run:
-            delete_checkpoint(store, entry.layout)
+    report.retired_checkpoints += [store.uri(e.prefix) for e in retire]
+    if retire and not dry_run:
+        retire_checkpoints(store, [e.layout for e in retire])
+    referenced = referenced_keys(store, [e for e in entries if e not in retire])
     for entry in entries:
         if entry not in retire:
-            _collect_unreferenced(store, entry, cutoff, report, dry_run)
+            _collect_unreferenced(store, entry, referenced, cutoff, report, dry_run)
     for upload in store.list_pending_uploads(""):
         if upload.started < cutoff:
             report.aborted_uploads.append(store.uri(upload.key))
@@ -71,13 +75,42 @@ def collect_garbage(
     return report
 
 
+def retire_checkpoints(store: ObjectStore, layouts: list[Layout]) -> int:
+    """Delete checkpoints: every manifest first (from then on they do not exist), then their
+    data that no remaining checkpoint's manifest references. Returns the objects deleted."""
+    store.delete([layout.manifest_key for layout in layouts])
+    keep = referenced_keys(store, find_checkpoints(store))
+    garbage = [
+        o.key for layout in layouts for o in store.list(layout.data_prefix) if o.key not in keep
+    ]
+    store.delete(garbage)
+    return len(garbage)
+
+
+def referenced_keys(store: ObjectStore, entries: list[CheckpointEntry]) -> set[str]:
+    """Every key that the committed manifests among ``entries`` name (themselves included)."""
+    keys: set[str] = set()
+    for entry in entries:
+        if not entry.committed:
+            continue
+        try:
+            manifest = read_manifest(store, entry.layout)
+        except (CheckpointNotFoundError, IncompleteCheckpointError):
+            continue  # deleted since it was listed: what it referenced no longer matters
+        keys.add(entry.layout.manifest_key)
+        keys.update(entry.layout.object_keys(manifest.streams))
+    return keys
+
+
 def _collect_unreferenced(
-    store: ObjectStore, entry: CheckpointEntry, cutoff: float, report: GcReport, dry_run: bool
+    store: ObjectStore,
+    entry: CheckpointEntry,
+    referenced: set[str],
+    cutoff: float,
+    report: GcReport,
+    dry_run: bool,
 ) -> None:
     layout = entry.layout
-    referenced = {layout.manifest_key}
-    if entry.committed:
-        referenced |= {layout.resolve(o.key) for o in read_manifest(store, layout).objects}
     # Step checkpoints nested under a root checkpoint are entries of their own.
     nested = layout.prefix == "" and entry.step is None
     garbage = [

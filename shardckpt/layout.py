@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 MANIFEST_NAME = "manifest.json"
 ATTEMPT_MARK = "attempt-"
@@ -59,9 +61,10 @@ class Layout:
             name = f"{int.from_bytes(digest, 'big') % self.fanout:03x}/{name}"
         return name
 
-    def resolve(self, name: str) -> str:
+    def resolve(self, name: str, home: str = "") -> str:
         """The store key of ``name`` from a manifest, refusing names that could leave the
-        checkpoint (absolute, empty, '.' or '..' segments) or shadow its manifest."""
+        checkpoint (absolute, empty, '.' or '..' segments) or shadow its manifest. With
+        ``home``, ``name`` belongs to that sibling checkpoint (a reused stream)."""
         parts = name.split("/")
         if (
             not name
@@ -70,4 +73,16 @@ class Layout:
             or "\\" in name
         ):
             raise ValueError(f"object name {name!r} is not inside the checkpoint")
-        return self.key(name)
+        if not home:
+            return self.key(name)
+        if not self.prefix:
+            raise ValueError(
+                f"object {name!r} belongs to sibling checkpoint {home!r}, but this checkpoint is "
+                "read from the root of its store: read it through its parent"
+            )
+        parent = self.prefix.rsplit("/", 1)[0] if "/" in self.prefix else ""
+        return f"{parent}/{home}/{name}" if parent else f"{home}/{name}"
+
+    def object_keys(self, streams: Iterable[Any]) -> list[str]:
+        """The store keys of every object of ``streams`` (a manifest's StreamRecords)."""
+        return [self.resolve(o.key, s.home) for s in streams for o in s.objects]

@@ -7,8 +7,10 @@ chunks, planner data), where every saved item lives, and every data object's siz
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -26,6 +28,7 @@ from torch.distributed.checkpoint.metadata import (
 
 from shardckpt._gc import gc_paused
 from shardckpt.errors import ManifestError
+from shardckpt.layout import MANIFEST_NAME
 
 FORMAT = "shardckpt"
 FORMAT_VERSION = 2
@@ -43,11 +46,14 @@ class ObjectRecord:
 @dataclass(frozen=True)
 class StreamRecord:
     """The bytes one rank wrote in one save: a byte stream cut into objects of
-    ``object_size`` bytes (the last may be shorter)."""
+    ``object_size`` bytes (the last may be shorter). ``home`` is "" for this checkpoint's own
+    streams, or the name of the sibling checkpoint (under the same root) that wrote it, for
+    a stream an incremental save reuses."""
 
     rank: int
     object_size: int
     objects: tuple[ObjectRecord, ...]
+    home: str = ""
 
     @property
     def size(self) -> int:
@@ -93,20 +99,29 @@ class RankItems:
     """One rank's items of a save, as columns: cheap to gather, encode and parse at thousands
     of ranks x thousands of tensors. Item ``i`` is value ``fqns[i]``; ``chunks[i]`` is its
     chunk's offsets then sizes (None for a non-tensor value); its bytes are ``lengths[i]``
-    bytes at ``offsets[i]`` of stream ``stream``, with CRC32C ``crcs[i]``."""
+    bytes at ``offsets[i]`` of stream ``stream`` (or ``stream[i]``, when an incremental save
+    reuses items of earlier streams), with CRC32C ``crcs[i]`` and, in incremental saves, the
+    zlib CRC-32 ``hashes[i]`` that completes the content identity (see ``incremental.py``)."""
 
     rank: int
-    stream: int
+    stream: int | list[int]
     fqns: list[str]
     chunks: list[list[int] | None]
     offsets: list[int]
     lengths: list[int]
     crcs: list[int]
+    hashes: list[int] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.fqns)
-        if not len(self.chunks) == len(self.offsets) == len(self.lengths) == len(self.crcs) == n:
+        columns = [self.chunks, self.offsets, self.lengths, self.crcs]
+        columns += [c for c in (self.hashes, self.stream) if isinstance(c, list)]
+        if any(len(c) != n for c in columns):
             raise ValueError(f"rank {self.rank}'s item columns differ in length")
+
+    def streams(self) -> Iterable[int]:
+        """The stream of every item."""
+        return self.stream if isinstance(self.stream, list) else itertools.repeat(self.stream)
 
 
 @dataclass
@@ -130,15 +145,21 @@ class Manifest:
 
     def _add_locations(self, out: dict[MetadataIndex, ItemLocation], sizes: _SizeCache) -> None:
         for table in self.items:
-            for fqn, chunk, offset, length, crc in zip(
-                table.fqns, table.chunks, table.offsets, table.lengths, table.crcs, strict=True
+            for fqn, chunk, stream, offset, length, crc in zip(
+                table.fqns,
+                table.chunks,
+                table.streams(),
+                table.offsets,
+                table.lengths,
+                table.crcs,
+                strict=False,  # streams() may repeat forever; the columns' lengths are checked
             ):
                 if chunk is None:
-                    out[MetadataIndex(fqn)] = ItemLocation(table.stream, offset, length, crc)
+                    out[MetadataIndex(fqn)] = ItemLocation(stream, offset, length, crc)
                     continue
                 half = len(chunk) // 2
                 index = MetadataIndex(fqn, sizes(chunk[:half]))
-                out[index] = ItemLocation(table.stream, offset, length, crc, sizes(chunk[half:]))
+                out[index] = ItemLocation(stream, offset, length, crc, sizes(chunk[half:]))
 
     @property
     def objects(self) -> list[ObjectRecord]:
@@ -162,6 +183,7 @@ class Manifest:
                     "offset": t.offsets,
                     "length": t.lengths,
                     "crc32c": t.crcs,
+                    **({} if t.hashes is None else {"crc32": t.hashes}),
                 }
                 for t in self.items
             ]
@@ -186,6 +208,7 @@ class Manifest:
                     "rank": s.rank,
                     "object_size": s.object_size,
                     "objects": [[o.key, o.size, o.crc32c] for o in s.objects],
+                    **({"home": s.home} if s.home else {}),
                 }
                 for s in self.streams
             ],
@@ -223,6 +246,7 @@ class Manifest:
                     int(s["rank"]),
                     int(s["object_size"]),
                     tuple(ObjectRecord(str(k), int(n), int(c)) for k, n, c in s["objects"]),
+                    check_home(s.get("home", "")),
                 )
                 for s in doc["streams"]
             ]
@@ -252,9 +276,10 @@ class Manifest:
 
 
 def _decode_items(doc: dict[str, Any], names: list[str], streams: int) -> RankItems:
-    stream = int(doc["stream"])
-    if not 0 <= stream < streams:
-        raise ValueError(f"rank {doc['rank']}'s items are in stream {stream}, which is not listed")
+    stream = doc["stream"]
+    used = _naturals(stream, "streams") if isinstance(stream, list) else [int(stream)]
+    if used and not (0 <= min(used) and max(used) < streams):
+        raise ValueError(f"rank {doc['rank']}'s items are in a stream that is not listed")
     ids = _naturals(doc["fqn"], "names")
     if ids and max(ids) >= len(names):
         raise ValueError(f"rank {doc['rank']}'s items name value {max(ids)} of {len(names)}")
@@ -266,7 +291,17 @@ def _decode_items(doc: dict[str, Any], names: list[str], streams: int) -> RankIt
         _naturals(doc["offset"], "offsets"),
         _naturals(doc["length"], "lengths"),
         _naturals(doc["crc32c"], "checksums"),
+        None if doc.get("crc32") is None else _naturals(doc["crc32"], "hashes"),
     )
+
+
+def check_home(home: Any) -> str:
+    """A stream's home: "" or one plain name (a sibling checkpoint), never a path."""
+    if not isinstance(home, str) or (
+        home and ("/" in home or "\\" in home or home in (".", "..") or home == MANIFEST_NAME)
+    ):
+        raise ValueError(f"stream home {home!r} is not the name of a sibling checkpoint")
+    return home
 
 
 def _naturals(values: Any, what: str) -> list[int]:

@@ -8,6 +8,7 @@ Every byte is checked against the CRC32C recorded at write time.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from collections import Counter, defaultdict
@@ -16,9 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 
@@ -85,7 +87,10 @@ class ShardReader(StorageReader):
     """Read a DCP checkpoint from ``uri``. Options: ``num_threads`` (parallel GETs per rank,
     default 8), ``trusted`` (default False: non-tensor values must load with
     ``torch.load(weights_only=True)``; True allows full unpickling, for checkpoints you
-    trust), and the store options (``endpoint``, ``region``, ...)."""
+    trust), ``shared_fetch`` (default False: every item that every rank needs, such as a
+    replicated model, is fetched by one rank and broadcast over ``process_group``, default
+    the default group, which must carry CPU tensors, e.g. gloo), and the store options
+    (``endpoint``, ``region``, ...)."""
 
     def __init__(
         self,
@@ -93,9 +98,13 @@ class ShardReader(StorageReader):
         *,
         num_threads: int = 8,
         trusted: bool = False,
+        shared_fetch: bool = False,
+        process_group: dist.ProcessGroup | None = None,
         **store_options: Any,
     ) -> None:
         super().__init__()
+        self.shared_fetch = shared_fetch
+        self.process_group = process_group
         parse_uri(uri)
         self.uri = os.fspath(uri)
         self.num_threads = num_threads
@@ -131,7 +140,18 @@ class ShardReader(StorageReader):
         # No **kwargs: DCP would then retry with rank=..., reading the manifest twice.
         if self.manifest is None:
             self.manifest = read_manifest(self.store, self._layout)
+            if not self._layout.prefix and any(s.home for s in self.manifest.streams):
+                self._open_parent()
         return self.manifest.metadata
+
+    def _open_parent(self) -> None:
+        """An incremental checkpoint reuses its siblings' objects: read it through its
+        parent, where their keys are."""
+        parent, name = parse_uri(self.uri).split()
+        if not name:
+            raise ManifestError(f"{self.uri} reuses other checkpoints' data but has no parent")
+        self._store = open_store(str(parent), **self._store_options)
+        self._layout = Layout(name)
 
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
@@ -143,7 +163,11 @@ class ShardReader(StorageReader):
         return plan
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
+        if not self.shared_fetch or len(plans) < 2:
+            return plans
+        assert self.manifest is not None
+        owners = _share_owners(plans, self.manifest.locations)
+        return [dataclasses.replace(plan, storage_data=_SharedFetch(owners)) for plan in plans]
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -163,7 +187,14 @@ class ShardReader(StorageReader):
             for item in plan.items
         ]
         unique = {dest.item.storage_index: dest for dest in destinations}
-        self._fetch(list(unique.values()))
+        shared = plan.storage_data if isinstance(plan.storage_data, _SharedFetch) else None
+        if shared is None:
+            self._fetch(list(unique.values()))
+        else:
+            me = dist.get_rank(self.process_group)
+            self._fetch([d for i, d in unique.items() if shared.owners.get(i, me) == me])
+            received = self._receive_shared(shared, unique)
+            self._verify([unique[i] for i in received])
         for dest in destinations:
             dest.buffer = unique[dest.item.storage_index].buffer
             self._deliver(dest, planner)
@@ -188,22 +219,54 @@ class ShardReader(StorageReader):
             return _Destination(item, location, empty_bytes(location.length), target)
         return _Destination(item, location, empty_bytes(location.length))
 
+    def _pieces(self, dest: _Destination) -> list[tuple[ObjectRecord, int, int, int]]:
+        assert self.manifest is not None
+        stream: StreamRecord = self.manifest.streams[dest.location.stream]
+        return stream.pieces(dest.location.offset, dest.location.length)
+
     def _fetch(self, destinations: list[_Destination]) -> None:
         """GET every destination's bytes: ranges grouped per object, coalesced, in parallel;
         then verify each item's CRC32C."""
         assert self.manifest is not None
         per_object: dict[str, list[tuple[int, memoryview]]] = defaultdict(list)
         for dest in destinations:
-            stream: StreamRecord = self.manifest.streams[dest.location.stream]
-            dest.pieces = stream.pieces(dest.location.offset, dest.location.length)
+            dest.pieces = self._pieces(dest)
+            home = self.manifest.streams[dest.location.stream].home
             for obj, start, length, at in dest.pieces:
-                per_object[self._layout.resolve(obj.key)].append(
+                per_object[self._layout.resolve(obj.key, home)].append(
                     (start, dest.buffer[at : at + length])
                 )
         requests = [r for key, ranges in per_object.items() for r in _coalesce(key, ranges)]
         with ThreadPoolExecutor(self.num_threads, thread_name_prefix="shardckpt-read") as pool:
             list(pool.map(lambda r: self.store.get_into(*r), requests))
-            buffers = [d.buffer for d in destinations]
+        self._verify(destinations)
+
+    def _receive_shared(
+        self, shared: _SharedFetch, unique: dict[MetadataIndex, _Destination]
+    ) -> list[MetadataIndex]:
+        """Broadcast every shared item from its owner into every rank's buffer, in the
+        plan's order (every rank needs every shared item); return those received."""
+        me = dist.get_rank(self.process_group)
+        received = []
+        for index, owner in shared.owners.items():
+            dest = unique[index]
+            if len(dest.buffer) == 0:
+                continue
+            data = torch.frombuffer(dest.buffer, dtype=torch.uint8)
+            src = (
+                owner
+                if self.process_group is None
+                else dist.get_global_rank(self.process_group, owner)
+            )
+            dist.broadcast(data, src=src, group=self.process_group)
+            if owner != me:
+                received.append(index)
+        return received
+
+    def _verify(self, destinations: list[_Destination]) -> None:
+        """Check every destination's bytes against the CRC32C recorded at write time."""
+        buffers = [d.buffer for d in destinations]
+        with ThreadPoolExecutor(self.num_threads, thread_name_prefix="shardckpt-crc") as pool:
             checksums = [
                 c
                 for part in pool.map(
@@ -213,9 +276,11 @@ class ShardReader(StorageReader):
             ]
         for dest, checksum in zip(destinations, checksums, strict=True):
             if checksum != dest.location.crc32c:
-                where = ", ".join(
-                    f"{self.store.uri(self._layout.resolve(o.key))} bytes {s}-{s + n - 1}"
-                    for o, s, n, _ in dest.pieces
+                assert self.manifest is not None
+                home = self.manifest.streams[dest.location.stream].home
+                where = ", ".join(  # a received item names its owner's objects
+                    f"{self.store.uri(self._layout.resolve(o.key, home))} bytes {s}-{s + n - 1}"
+                    for o, s, n, _ in (dest.pieces or self._pieces(dest))
                 )
                 raise ChecksumMismatchError(
                     f"CRC32C mismatch for {dest.item.storage_index.fqn} ({where}): "
@@ -249,6 +314,32 @@ class ShardReader(StorageReader):
                 )
             dest.target.copy_(narrowed)
         planner.commit_tensor(item, dest.target)
+
+
+@dataclass(frozen=True)
+class _SharedFetch:
+    """The owner (group rank) of every item that all ranks need, in broadcast order."""
+
+    owners: dict[MetadataIndex, int]
+
+
+def _share_owners(
+    plans: list[LoadPlan], locations: dict[MetadataIndex, ItemLocation]
+) -> dict[MetadataIndex, int]:
+    """Items every rank reads, split by position in the streams into one contiguous run of
+    about equal bytes per rank (interleaved owners would each read everything: ranges close
+    together are fetched in one GET)."""
+    needed = [{item.storage_index for item in plan.items} for plan in plans]
+    common = sorted(
+        (i for i in set.intersection(*needed) if i in locations),  # the rest fail in read_data
+        key=lambda i: (locations[i].stream, locations[i].offset),
+    )
+    total = sum(locations[i].length for i in common) or 1
+    owners, before = {}, 0
+    for index in common:
+        owners[index] = min(before * len(plans) // total, len(plans) - 1)
+        before += locations[index].length
+    return owners
 
 
 def _fills_whole(target: torch.Tensor, item: ReadItem, location: ItemLocation) -> bool:

@@ -30,6 +30,13 @@ class Location:
             return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
         return f"file://{self.prefix}"
 
+    def split(self) -> tuple[Location, str]:
+        """The parent location and this one's last name ("" at a bucket or file root)."""
+        if self.scheme == "s3":
+            parent, _, name = self.prefix.rpartition("/")
+            return Location("s3", parent, self.bucket), name
+        return Location("file", os.path.dirname(self.prefix)), os.path.basename(self.prefix)
+
     def child(self, name: str) -> Location:
         """The location ``name`` levels below this one (``name`` may contain slashes)."""
         name = name.strip("/")

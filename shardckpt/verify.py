@@ -35,8 +35,7 @@ def verify_checkpoint(store: ObjectStore, layout: Layout, *, num_threads: int = 
     manifest = read_manifest(store, layout)
     report = VerifyReport(len(manifest.objects), manifest.total_bytes)
 
-    def check(obj: ObjectRecord) -> tuple[str, str | None]:
-        key = layout.resolve(obj.key)
+    def check(key: str, obj: ObjectRecord) -> tuple[str, str | None]:
         uri = store.uri(key)
         try:
             info = store.head(key)
@@ -56,7 +55,8 @@ def verify_checkpoint(store: ObjectStore, layout: Layout, *, num_threads: int = 
         return uri, None
 
     with ThreadPoolExecutor(num_threads) as pool:
-        for uri, problem in pool.map(check, manifest.objects):
+        keys = layout.object_keys(manifest.streams)
+        for uri, problem in pool.map(check, keys, manifest.objects):
             if problem is not None:
                 report.problems[uri] = problem
     return report

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -28,13 +29,14 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
-from shardckpt._bytes import batches, crc32c, crc32c_of, tensor_bytes
+from shardckpt._bytes import crc32_of, crc32c, crc32c_of, per_view, tensor_bytes
 from shardckpt.errors import (
     CheckpointExistsError,
     ObjectExistsError,
     ObjectNotFoundError,
     SaveFailedError,
 )
+from shardckpt.incremental import ContentIndex, Reuse
 from shardckpt.layout import Layout, new_attempt_id
 from shardckpt.manifest import Manifest, ObjectRecord, RankItems, StreamRecord
 from shardckpt.store import ObjectStore, open_store
@@ -105,6 +107,8 @@ class ShardWriter(StorageWriter):
         self.attempt = new_attempt_id()
         self.last_manifest: Manifest | None = None
         self.last_stream: StreamRecord | None = None
+        self.base: ContentIndex | None = None  # set: an incremental save against it
+        self.last_reused = 0  # bytes the last save reused instead of uploading
 
     @classmethod
     def _for_checkpoint(
@@ -114,6 +118,7 @@ class ShardWriter(StorageWriter):
         uri: str,
         attributes: dict[str, Any],
         options: WriterOptions,
+        base: ContentIndex | None = None,
     ) -> ShardWriter:
         """A writer for one checkpoint of a :class:`Checkpointer`, sharing its store."""
         writer = cls.__new__(cls)
@@ -124,6 +129,7 @@ class ShardWriter(StorageWriter):
         writer.is_coordinator, writer.rank, writer.attempt = False, 0, new_attempt_id()
         writer.last_manifest = None
         writer.last_stream = None
+        writer.base, writer.last_reused = base, 0
         return writer
 
     def _reset_uri(self, uri: str | os.PathLike[str]) -> None:
@@ -215,7 +221,38 @@ class ShardWriter(StorageWriter):
         self, fqns: list[str], chunks: list[list[int] | None], views: list[memoryview]
     ) -> RankReport:
         """Upload ``views`` (the bytes of the items ``fqns`` / ``chunks``) as this rank's
-        stream; return what the coordinator needs for the manifest."""
+        stream, except, in an incremental save, those the base already holds; return what
+        the coordinator needs for the manifest."""
+        lengths = [len(v) for v in views]
+        started = time.perf_counter()
+        with ThreadPoolExecutor(
+            self.options.num_threads, thread_name_prefix="shardckpt-upload"
+        ) as pool:
+            if self.base is None:
+                stream, offsets, crcs = self._upload(pool, views, crc32c_of)
+                items = RankItems(self.rank, -1, fqns, chunks, offsets, lengths, crcs)
+                report = RankReport(stream, items)
+            else:
+                report = self._write_incremental(pool, self.base, fqns, chunks, views)
+        logger.debug(
+            "rank %d wrote %d bytes in %d objects in %.3fs",
+            self.rank,
+            sum(o.size for o in report.stream.objects),
+            len(report.stream.objects),
+            time.perf_counter() - started,
+        )
+        self.last_stream = report.stream
+        return report
+
+    def _upload(
+        self,
+        pool: ThreadPoolExecutor,
+        views: list[memoryview],
+        checksum: Callable[[Sequence[memoryview]], list[int]],
+    ) -> tuple[StreamRecord, list[int], list[int]]:
+        """Pack ``views`` into this rank's stream and upload its objects on ``pool``, with
+        ``checksum`` of every view computed beside the uploads. Returns the stream, each
+        view's offset in it and its checksum."""
         offsets, total = [], 0
         for view in views:
             offsets.append(total)
@@ -223,54 +260,80 @@ class ShardWriter(StorageWriter):
         object_size = self.options.object_size_for(total)
         count = -(-total // object_size)
         names = [self._layout.data_name(self.attempt, self.rank, i) for i in range(count)]
-        started = time.perf_counter()
-        with ThreadPoolExecutor(
-            self.options.num_threads, thread_name_prefix="shardckpt-upload"
-        ) as pool:
 
-            def upload(index: int) -> ObjectRecord:
-                segments = slice_views(
-                    views,
-                    index * object_size,
-                    min(object_size, total - index * object_size),
-                    offsets,
-                )
-                checksum = crc32c(segments)
-                self.store.put(self._layout.key(names[index]), segments)
-                return ObjectRecord(names[index], sum(len(s) for s in segments), checksum)
+        def upload(index: int) -> ObjectRecord:
+            segments = slice_views(
+                views, index * object_size, min(object_size, total - index * object_size), offsets
+            )
+            crc = crc32c(segments)
+            self.store.put(self._layout.key(names[index]), segments)
+            return ObjectRecord(names[index], sum(len(s) for s in segments), crc)
 
-            uploads = [pool.submit(upload, i) for i in range(count)]
-            sums = [pool.submit(crc32c_of, views[r.start : r.stop]) for r in batches(views)]
-            # On a failed upload, the queued ones are cancelled: the save fails within about
-            # one retry deadline, not one per queued object.
-            done = gather([*uploads, *sums])
-            objects, checksums = tuple(done[:count]), [c for part in done[count:] for c in part]
-        elapsed = time.perf_counter() - started
-        logger.debug(
-            "rank %d wrote %d bytes in %d objects in %.3fs", self.rank, total, count, elapsed
+        uploads = [pool.submit(upload, i) for i in range(count)]
+        sums = per_view(pool, checksum, views)
+        # On a failed upload, the queued ones are cancelled: the save fails within about one
+        # retry deadline, not one per queued object.
+        done = gather([*uploads, *sums])
+        stream = StreamRecord(self.rank, object_size, tuple(done[:count]))
+        return stream, offsets, [c for part in done[count:] for c in part]
+
+    def _write_incremental(
+        self,
+        pool: ThreadPoolExecutor,
+        base: ContentIndex,
+        fqns: list[str],
+        chunks: list[list[int] | None],
+        views: list[memoryview],
+    ) -> RankReport:
+        crcs = [c for part in gather(per_view(pool, crc32c_of, views)) for c in part]
+        candidates = [base.candidate(len(v), c) for v, c in zip(views, crcs, strict=True)]
+        maybe = [i for i, found in enumerate(candidates) if found is not None]
+        confirm = [
+            c for part in gather(per_view(pool, crc32_of, [views[i] for i in maybe])) for c in part
+        ]
+        hashes: list[int] = [0] * len(views)
+        reused: dict[int, Reuse] = {}
+        for i, crc32 in zip(maybe, confirm, strict=True):
+            hashes[i] = crc32
+            found = candidates[i]
+            if found is not None and found.crc32 == crc32:
+                reused[i] = found
+        fresh = [i for i in range(len(views)) if i not in reused]
+        stream, fresh_offsets, fresh_hashes = self._upload(
+            pool, [views[i] for i in fresh], crc32_of
         )
-        stream = StreamRecord(self.rank, object_size, objects)
-        self.last_stream = stream
+        # Item streams are local here: 0 is this rank's stream, k > 0 is foreign[k - 1].
+        foreign: dict[StreamRecord, int] = {}
+        item_streams, offsets = [0] * len(views), [0] * len(views)
+        for i, offset, crc32 in zip(fresh, fresh_offsets, fresh_hashes, strict=True):
+            offsets[i], hashes[i] = offset, crc32
+        for i, found in reused.items():
+            item_streams[i] = foreign.setdefault(found.stream, len(foreign) + 1)
+            offsets[i] = found.offset
         lengths = [len(v) for v in views]
-        return RankReport(
-            stream, RankItems(self.rank, -1, fqns, chunks, offsets, lengths, checksums)
-        )
+        items = RankItems(self.rank, item_streams, fqns, chunks, offsets, lengths, crcs, hashes)
+        self.last_reused = sum(lengths[i] for i in reused)
+        return RankReport(stream, items, tuple(foreign))
 
 
 @dataclass(frozen=True)
 class RankReport:
     """What a rank sends the coordinator after its upload (DCP gathers one per rank): its
     stream's objects and its items, as columns (one object, not one per item: gathering a
-    million write results would cost more than the rest of the commit)."""
+    million write results would cost more than the rest of the commit). In an incremental
+    save, ``foreign`` lists the earlier streams its items reuse; the items' streams are then
+    local (0: its own, k: ``foreign[k - 1]``)."""
 
     stream: StreamRecord
     items: RankItems
+    foreign: tuple[StreamRecord, ...] = ()
 
 
 def build_manifest(
     metadata: Metadata, results: list[list[WriteResult]], attributes: dict[str, Any]
 ) -> Manifest:
-    """The manifest of a save from every rank's report."""
+    """The manifest of a save from every rank's report: the ranks' streams first (stream
+    ``r`` is rank ``r``'s), then the earlier streams incremental saves reuse, once each."""
     reports = [wr.storage_data for rank_results in results for wr in rank_results]
     if not all(isinstance(r, RankReport) for r in reports):
         raise SaveFailedError("a rank reported write results that ShardWriter did not make")
@@ -282,12 +345,21 @@ def build_manifest(
     )
     if written != planned:
         raise SaveFailedError(f"the ranks wrote {written} items, but the plan has {planned}")
+    streams = [r.stream for r in reports]
+    foreign: dict[StreamRecord, int] = {}
+    tables = []
+    for own, report in enumerate(reports):
+        if isinstance(report.items.stream, int):
+            tables.append(dataclasses.replace(report.items, stream=own))
+            continue
+        mapping = [own] + [
+            foreign.setdefault(s, len(streams) + len(foreign)) for s in report.foreign
+        ]
+        tables.append(
+            dataclasses.replace(report.items, stream=[mapping[k] for k in report.items.stream])
+        )
     return Manifest(
-        metadata,
-        [r.stream for r in reports],
-        [dataclasses.replace(r.items, stream=i) for i, r in enumerate(reports)],
-        world_size=len(results),
-        attributes=attributes,
+        metadata, streams + list(foreign), tables, world_size=len(results), attributes=attributes
     )
 
 

@@ -358,7 +358,7 @@ class ShardckptCheckpointIO(CheckpointIO):
                 state, storage_writer=writer, planner=DefaultSavePlanner(), no_dist=True
             )
             assert writer.last_manifest is not None
-            keep = {target.layout.resolve(o.key) for o in writer.last_manifest.objects}
+            keep = set(target.layout.object_keys(writer.last_manifest.streams))
             keep.add(target.layout.manifest_key)
             # The data of the checkpoint this save replaced (overwrite), now unreferenced.
             store.delete(
