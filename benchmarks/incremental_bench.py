@@ -1,6 +1,6 @@
 """Incremental saves and shared loads, against plain saves and loads, in one run.
 
-    python benchmarks/incremental_bench.py [--size-mib 512] [--saves 5] [--quick]
+    python -m benchmarks.incremental_bench [--size-mib 512] [--saves 5] [--quick]
 
 Three measurements, each side by side with its baseline (A B A B order, medians):
 

@@ -51,3 +51,21 @@ def test_quick_bench_writes_complete_results(tmp_path) -> None:  # type: ignore[
         assert sorted(w["ratios"]) == sorted(others), w["label"]
         for name, r in w["ratios"].items():
             assert r["save"] > 0 and r["load"] > 0, f"{w['label']} ratio vs {name}"
+
+
+@pytest.mark.slow
+def test_incremental_bench_quick_writes_its_results(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "incremental.json"
+    command = [sys.executable, "-m", "benchmarks.incremental_bench", "--quick", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, f"exit {done.returncode}; stderr tail:\n{done.stderr[-3000:]}"
+    with open(out) as f:
+        results = json.load(f)
+    frozen = results["90% frozen, moto"]["summary"]
+    assert frozen["bytes_ratio"] < 0.5  # the frozen 90% went up once, not 3 times
+    changing = results["fully changing, local store"]["summary"]
+    assert 0.9 < changing["bytes_ratio"] < 1.1  # nothing to reuse: the same bytes
+    load = results["2-rank replicated load, moto"]["summary"]
+    assert sum(load["shared fetch"]["bytes_got_mib_per_rank"]) < 0.75 * sum(
+        load["every rank fetches"]["bytes_got_mib_per_rank"]
+    )
