@@ -8,7 +8,7 @@ Three measurements, each side by side with its baseline (A B A B order, medians)
    fine-tune with frozen layers) saved ``--saves`` times: bytes uploaded and the median save
    time (saves after the first), with ``incremental=True`` and without.
 2. Fully changing: every tensor changes before every save: the incremental save's cost over
-   the plain one (the CRC32C pass before the upload, CRC-32 beside it, nothing to reuse).
+   the plain one (the CRC32C pass before the upload, XXH3 beside it, nothing to reuse).
 3. Shared load: 2 ranks (gloo) load the same replicated checkpoint, with ``shared_load`` and
    without: load time and bytes fetched per rank.
 

@@ -1,14 +1,14 @@
 """Incremental saves: an item whose bytes an earlier checkpoint already holds is not
 uploaded again; the new manifest points at the earlier stream instead.
 
-An item's content identity is (length, CRC32C, zlib CRC-32). CRC32C is computed for every
-item anyway; CRC-32 uses another polynomial, so the pair is a 64-bit checksum: two different
-chunks of one length collide by accident with probability 2^-64. Neither is cryptographic,
-which is fine for one's own training state (only accidents matter) and far cheaper than a
-cryptographic hash: CRC-32 runs only for items whose length and CRC32C match an item of the
-base checkpoint (before upload, to decide), and for uploaded items in the background while
-they upload (so the next save can match them). A state that changes completely thus pays
-one CRC32C pass before the upload instead of beside it, and CRC-32 beside it.
+An item's content identity is (length, CRC32C, XXH3-64): 96 bits, so two different chunks of
+one length collide by accident with probability 2^-96. Neither hash is cryptographic, which
+is fine for one's own training state (only accidents matter) and far cheaper: CRC32C is
+computed for every item anyway (~9 GB/s here), XXH3 (~5 GB/s here, 2.4x zlib's CRC-32, which
+cost a fully changing state 21% on a local store) runs for items whose length and CRC32C match
+an item of the base (before upload, to decide) and for uploaded items beside their upload (so
+the next save can match them). A state that changes completely thus pays one CRC32C pass
+before the upload instead of beside it, and XXH3 beside it.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from shardckpt.manifest import Manifest, StreamRecord
 
 @dataclass(frozen=True)
 class Reuse:
-    """Where reusable bytes are: ``stream`` (its ``home`` set), offset, and their CRC-32."""
+    """Where reusable bytes are: ``stream`` (its ``home`` set), offset, and their XXH3-64."""
 
     stream: StreamRecord
     offset: int
-    crc32: int
+    xxh3: int
 
 
 class ContentIndex:
@@ -33,7 +33,7 @@ class ContentIndex:
     keep their own homes, so chains of reuse stay one hop deep."""
 
     def __init__(self, manifest: Manifest | None = None, home: str = "") -> None:
-        """``manifest`` None: nothing to reuse yet (the first save still records CRC-32s)."""
+        """``manifest`` None: nothing to reuse yet (the first save still records hashes)."""
         self._entries: dict[tuple[int, int], Reuse] = {}
         if manifest is None:
             return
@@ -41,7 +41,7 @@ class ContentIndex:
         for table in manifest.items:
             if table.hashes is None:  # not an incremental save: no second checksum
                 continue
-            for stream, offset, length, crc, crc32 in zip(
+            for stream, offset, length, crc, xxh3 in zip(
                 table.streams(),
                 table.offsets,
                 table.lengths,
@@ -50,10 +50,10 @@ class ContentIndex:
                 strict=False,  # streams() may repeat forever; the columns' lengths are checked
             ):
                 if length:
-                    self._entries[(length, crc)] = Reuse(streams[stream], offset, crc32)
+                    self._entries[(length, crc)] = Reuse(streams[stream], offset, xxh3)
 
     def candidate(self, length: int, crc32c: int) -> Reuse | None:
-        """The earlier item with this length and CRC32C, if any (to confirm by CRC-32)."""
+        """The earlier item with this length and CRC32C, if any (to confirm by XXH3)."""
         return self._entries.get((length, crc32c)) if length else None
 
     def __len__(self) -> int:

@@ -101,7 +101,7 @@ class RankItems:
     chunk's offsets then sizes (None for a non-tensor value); its bytes are ``lengths[i]``
     bytes at ``offsets[i]`` of stream ``stream`` (or ``stream[i]``, when an incremental save
     reuses items of earlier streams), with CRC32C ``crcs[i]`` and, in incremental saves, the
-    zlib CRC-32 ``hashes[i]`` that completes the content identity (see ``incremental.py``)."""
+    XXH3-64 ``hashes[i]`` that completes the content identity (see ``incremental.py``)."""
 
     rank: int
     stream: int | list[int]
@@ -183,7 +183,7 @@ class Manifest:
                     "offset": t.offsets,
                     "length": t.lengths,
                     "crc32c": t.crcs,
-                    **({} if t.hashes is None else {"crc32": t.hashes}),
+                    **({} if t.hashes is None else {"xxh3": t.hashes}),
                 }
                 for t in self.items
             ]
@@ -291,7 +291,7 @@ def _decode_items(doc: dict[str, Any], names: list[str], streams: int) -> RankIt
         _naturals(doc["offset"], "offsets"),
         _naturals(doc["length"], "lengths"),
         _naturals(doc["crc32c"], "checksums"),
-        None if doc.get("crc32") is None else _naturals(doc["crc32"], "hashes"),
+        None if doc.get("xxh3") is None else _naturals(doc["xxh3"], "hashes"),
     )
 
 

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
-from shardckpt._bytes import crc32_of, crc32c, crc32c_of, per_view, tensor_bytes
+from shardckpt._bytes import crc32c, crc32c_of, per_view, tensor_bytes, xxh3_of
 from shardckpt.errors import (
     CheckpointExistsError,
     ObjectExistsError,
@@ -289,24 +289,22 @@ class ShardWriter(StorageWriter):
         candidates = [base.candidate(len(v), c) for v, c in zip(views, crcs, strict=True)]
         maybe = [i for i, found in enumerate(candidates) if found is not None]
         confirm = [
-            c for part in gather(per_view(pool, crc32_of, [views[i] for i in maybe])) for c in part
+            c for part in gather(per_view(pool, xxh3_of, [views[i] for i in maybe])) for c in part
         ]
         hashes: list[int] = [0] * len(views)
         reused: dict[int, Reuse] = {}
-        for i, crc32 in zip(maybe, confirm, strict=True):
-            hashes[i] = crc32
+        for i, xxh3 in zip(maybe, confirm, strict=True):
+            hashes[i] = xxh3
             found = candidates[i]
-            if found is not None and found.crc32 == crc32:
+            if found is not None and found.xxh3 == xxh3:
                 reused[i] = found
         fresh = [i for i in range(len(views)) if i not in reused]
-        stream, fresh_offsets, fresh_hashes = self._upload(
-            pool, [views[i] for i in fresh], crc32_of
-        )
+        stream, fresh_offsets, fresh_hashes = self._upload(pool, [views[i] for i in fresh], xxh3_of)
         # Item streams are local here: 0 is this rank's stream, k > 0 is foreign[k - 1].
         foreign: dict[StreamRecord, int] = {}
         item_streams, offsets = [0] * len(views), [0] * len(views)
-        for i, offset, crc32 in zip(fresh, fresh_offsets, fresh_hashes, strict=True):
-            offsets[i], hashes[i] = offset, crc32
+        for i, offset, xxh3 in zip(fresh, fresh_offsets, fresh_hashes, strict=True):
+            offsets[i], hashes[i] = offset, xxh3
         for i, found in reused.items():
             item_streams[i] = foreign.setdefault(found.stream, len(foreign) + 1)
             offsets[i] = found.offset
