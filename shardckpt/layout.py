@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from shardckpt.errors import ManifestError
+
 MANIFEST_NAME = "manifest.json"
 ATTEMPT_MARK = "attempt-"
 
@@ -76,9 +78,10 @@ class Layout:
         if not home:
             return self.key(name)
         if not self.prefix:
-            raise ValueError(
-                f"object {name!r} belongs to sibling checkpoint {home!r}, but this checkpoint is "
-                "read from the root of its store: read it through its parent"
+            raise ManifestError(
+                f"object {name!r} belongs to sibling checkpoint {home!r} (an incremental save), "
+                "but this checkpoint is opened as the root of its store: give its parent (the "
+                "Checkpointer's root) instead"
             )
         parent = self.prefix.rsplit("/", 1)[0] if "/" in self.prefix else ""
         return f"{parent}/{home}/{name}" if parent else f"{home}/{name}"

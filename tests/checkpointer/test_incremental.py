@@ -13,6 +13,7 @@ import torch.distributed.checkpoint as dcp
 
 from shardckpt import Checkpointer, ShardReader
 from shardckpt.catalog import step_name
+from shardckpt.cli import main
 from shardckpt.gc import collect_garbage, retire_checkpoints
 from shardckpt.layout import Layout
 from shardckpt.reader import read_manifest
@@ -144,3 +145,11 @@ def test_a_plain_reader_finds_reused_data_through_the_parent(target) -> None:  #
         out, storage_reader=ShardReader(f"{root}/{step_name(5)}", **target.options), no_dist=True
     )
     assert out["step"] == 5 and all(torch.equal(out["model"][k], v) for k, v in FROZEN.items())
+
+
+def test_cli_verifies_an_incremental_root_and_names_the_fix_for_one_step(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    root = str(tmp_path / "run")
+    _save_five(root, {}, True)
+    assert main(["verify", root]) == 0
+    assert main(["verify", f"{root}/{step_name(5)}"]) != 0
+    assert "give its parent" in capsys.readouterr().err
