@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue as queue_module
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -40,10 +41,13 @@ def _entry(
         results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
+def run_ranks(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float | None = None
+) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes (they inherit
-    the environment); return each rank's result, or raise ``RuntimeError`` with every failing
-    rank's traceback, or as soon as a rank dies without reporting."""
+    the environment); return each rank's result, or raise ``RuntimeError`` with the failing
+    rank's traceback, as soon as a rank dies without reporting, or when no rank has reported
+    for ``timeout`` seconds (None: wait as long as the ranks live)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
@@ -55,6 +59,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
         p.start()
     values: dict[int, Any] = {}
     errors: list[str] = []
+    last_report = time.monotonic()
     try:
         while len(values) + len(errors) < world_size:
             try:
@@ -66,7 +71,12 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
                         f"ranks {dead} died (exit codes {[procs[r].exitcode for r in dead]})"
                     )
                     break
+                if timeout is not None and time.monotonic() - last_report > timeout:
+                    silent = [r for r in range(world_size) if r not in values]
+                    errors.append(f"ranks {silent} reported nothing for {timeout:.0f}s")
+                    break
                 continue
+            last_report = time.monotonic()
             if status == "ok":
                 values[rank] = value
             else:
