@@ -79,3 +79,10 @@ def per_view(
     """``fn`` (``crc32c_of``, ``xxh3_of``) over ``views`` in batches on ``pool``; the
     concatenated results of the futures are one value per view."""
     return [pool.submit(fn, views[r.start : r.stop]) for r in batches(views)]
+
+
+def each_view(
+    pool: Executor, fn: Callable[[Sequence[memoryview]], list[int]], views: Sequence[memoryview]
+) -> list[int]:
+    """:func:`per_view`, waited for: one value per view."""
+    return [value for future in per_view(pool, fn, views) for value in future.result()]

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
-from shardckpt._bytes import crc32c, crc32c_of, per_view, tensor_bytes, xxh3_of
+from shardckpt._bytes import crc32c, crc32c_of, each_view, per_view, tensor_bytes, xxh3_of
 from shardckpt.errors import (
     CheckpointExistsError,
     ObjectExistsError,
@@ -233,7 +233,7 @@ class ShardWriter(StorageWriter):
                 items = RankItems(self.rank, -1, fqns, chunks, offsets, lengths, crcs)
                 report = RankReport(stream, items)
             else:
-                report = self._write_incremental(pool, self.base, fqns, chunks, views)
+                report = self._write_incremental(pool, self.base, fqns, chunks, views, lengths)
         logger.debug(
             "rank %d wrote %d bytes in %d objects in %.3fs",
             self.rank,
@@ -284,13 +284,12 @@ class ShardWriter(StorageWriter):
         fqns: list[str],
         chunks: list[list[int] | None],
         views: list[memoryview],
+        lengths: list[int],
     ) -> RankReport:
-        crcs = [c for part in gather(per_view(pool, crc32c_of, views)) for c in part]
+        crcs = each_view(pool, crc32c_of, views)
         candidates = [base.candidate(len(v), c) for v, c in zip(views, crcs, strict=True)]
         maybe = [i for i, found in enumerate(candidates) if found is not None]
-        confirm = [
-            c for part in gather(per_view(pool, xxh3_of, [views[i] for i in maybe])) for c in part
-        ]
+        confirm = each_view(pool, xxh3_of, [views[i] for i in maybe])
         hashes: list[int] = [0] * len(views)
         reused: dict[int, Reuse] = {}
         for i, xxh3 in zip(maybe, confirm, strict=True):
@@ -308,7 +307,6 @@ class ShardWriter(StorageWriter):
         for i, found in reused.items():
             item_streams[i] = foreign.setdefault(found.stream, len(foreign) + 1)
             offsets[i] = found.offset
-        lengths = [len(v) for v in views]
         items = RankItems(self.rank, item_streams, fqns, chunks, offsets, lengths, crcs, hashes)
         self.last_reused = sum(lengths[i] for i in reused)
         return RankReport(stream, items, tuple(foreign))
