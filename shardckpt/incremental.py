@@ -39,17 +39,8 @@ class ContentIndex:
             return
         streams = [replace(s, home=s.home or home) for s in manifest.streams]
         for table in manifest.items:
-            if table.hashes is None:  # not an incremental save: no second checksum
-                continue
-            for stream, offset, length, crc, xxh3 in zip(
-                table.streams(),
-                table.offsets,
-                table.lengths,
-                table.crcs,
-                table.hashes,
-                strict=False,  # streams() may repeat forever; the columns' lengths are checked
-            ):
-                if length:
+            for _, _, stream, offset, length, crc, xxh3 in table.rows():
+                if length and xxh3 is not None:  # no hash: not from an incremental save
                     self._entries[(length, crc)] = Reuse(streams[stream], offset, xxh3)
 
     def candidate(self, length: int, crc32c: int) -> Reuse | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -119,9 +119,12 @@ class RankItems:
         if any(len(c) != n for c in columns):
             raise ValueError(f"rank {self.rank}'s item columns differ in length")
 
-    def streams(self) -> Iterable[int]:
-        """The stream of every item."""
-        return self.stream if isinstance(self.stream, list) else itertools.repeat(self.stream)
+    def rows(self) -> Iterator[tuple[str, list[int] | None, int, int, int, int, int | None]]:
+        """Every item as (name, chunk, stream, offset, length, CRC32C, hash or None)."""
+        streams = self.stream if isinstance(self.stream, list) else itertools.repeat(self.stream)
+        hashes = itertools.repeat(None) if self.hashes is None else self.hashes
+        columns = (self.fqns, self.chunks, streams, self.offsets, self.lengths, self.crcs, hashes)
+        return zip(*columns, strict=False)  # repeats are endless; __post_init__ checks lengths
 
 
 @dataclass
@@ -145,15 +148,7 @@ class Manifest:
 
     def _add_locations(self, out: dict[MetadataIndex, ItemLocation], sizes: _SizeCache) -> None:
         for table in self.items:
-            for fqn, chunk, stream, offset, length, crc in zip(
-                table.fqns,
-                table.chunks,
-                table.streams(),
-                table.offsets,
-                table.lengths,
-                table.crcs,
-                strict=False,  # streams() may repeat forever; the columns' lengths are checked
-            ):
+            for fqn, chunk, stream, offset, length, crc, _ in table.rows():
                 if chunk is None:
                     out[MetadataIndex(fqn)] = ItemLocation(stream, offset, length, crc)
                     continue
