@@ -53,8 +53,9 @@ def collect_garbage(
     retire = committed[:-keep_last] if keep_last else []
     report.retired_checkpoints += [store.uri(e.prefix) for e in retire]
     if retire and not dry_run:
-        retire_checkpoints(store, [e.layout for e in retire])
-    referenced = referenced_keys(store, [e for e in entries if e not in retire])
+        referenced = retire_checkpoints(store, [e.layout for e in retire])
+    else:
+        referenced = referenced_keys(store, [e for e in entries if e not in retire])
     for entry in entries:
         if entry not in retire:
             _collect_unreferenced(store, entry, referenced, cutoff, report, dry_run)
@@ -75,16 +76,17 @@ def collect_garbage(
     return report
 
 
-def retire_checkpoints(store: ObjectStore, layouts: list[Layout]) -> int:
+def retire_checkpoints(store: ObjectStore, layouts: list[Layout]) -> set[str]:
     """Delete checkpoints: every manifest first (from then on they do not exist), then their
-    data that no remaining checkpoint's manifest references. Returns the objects deleted."""
+    data that no remaining checkpoint's manifest references. Returns the keys the remaining
+    manifests reference (what a collection after it must keep)."""
     store.delete([layout.manifest_key for layout in layouts])
     keep = referenced_keys(store, find_checkpoints(store))
     garbage = [
         o.key for layout in layouts for o in store.list(layout.data_prefix) if o.key not in keep
     ]
     store.delete(garbage)
-    return len(garbage)
+    return keep
 
 
 def referenced_keys(store: ObjectStore, entries: list[CheckpointEntry]) -> set[str]:
