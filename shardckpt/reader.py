@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, Tenso
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 
-from shardckpt._bytes import batches, byte_view_of, crc32c_of, empty_bytes
+from shardckpt._bytes import byte_view_of, crc32c_of, each_view, empty_bytes
 from shardckpt.errors import (
     CheckpointNotFoundError,
     ChecksumMismatchError,
@@ -219,10 +219,12 @@ class ShardReader(StorageReader):
             return _Destination(item, location, empty_bytes(location.length), target)
         return _Destination(item, location, empty_bytes(location.length))
 
-    def _pieces(self, dest: _Destination) -> list[tuple[ObjectRecord, int, int, int]]:
+    def _stream(self, dest: _Destination) -> StreamRecord:
         assert self.manifest is not None
-        stream: StreamRecord = self.manifest.streams[dest.location.stream]
-        return stream.pieces(dest.location.offset, dest.location.length)
+        return self.manifest.streams[dest.location.stream]
+
+    def _pieces(self, dest: _Destination) -> list[tuple[ObjectRecord, int, int, int]]:
+        return self._stream(dest).pieces(dest.location.offset, dest.location.length)
 
     def _fetch(self, destinations: list[_Destination]) -> None:
         """GET every destination's bytes: ranges grouped per object, coalesced, in parallel;
@@ -231,7 +233,7 @@ class ShardReader(StorageReader):
         per_object: dict[str, list[tuple[int, memoryview]]] = defaultdict(list)
         for dest in destinations:
             dest.pieces = self._pieces(dest)
-            home = self.manifest.streams[dest.location.stream].home
+            home = self._stream(dest).home
             for obj, start, length, at in dest.pieces:
                 per_object[self._layout.resolve(obj.key, home)].append(
                     (start, dest.buffer[at : at + length])
@@ -267,17 +269,10 @@ class ShardReader(StorageReader):
         """Check every destination's bytes against the CRC32C recorded at write time."""
         buffers = [d.buffer for d in destinations]
         with ThreadPoolExecutor(self.num_threads, thread_name_prefix="shardckpt-crc") as pool:
-            checksums = [
-                c
-                for part in pool.map(
-                    crc32c_of, [buffers[r.start : r.stop] for r in batches(buffers)]
-                )
-                for c in part
-            ]
+            checksums = each_view(pool, crc32c_of, buffers)
         for dest, checksum in zip(destinations, checksums, strict=True):
             if checksum != dest.location.crc32c:
-                assert self.manifest is not None
-                home = self.manifest.streams[dest.location.stream].home
+                home = self._stream(dest).home
                 where = ", ".join(  # a received item names its owner's objects
                     f"{self.store.uri(self._layout.resolve(o.key, home))} bytes {s}-{s + n - 1}"
                     for o, s, n, _ in (dest.pieces or self._pieces(dest))
