@@ -9,9 +9,7 @@ Against a local moto server (started here) on the same bytes, alternating system
 - ``dcp.async_save`` with s3torchconnector's ``S3StorageWriter`` (DCP's default stager).
 Then the training step time while a background upload runs, vs without, with the S3
 server's CPU time (it shares this machine's cores) and the same with the local store.
-Where CUDA is available, also the same state on the GPU: ``Checkpointer.save``'s snapshot
-GB/s against a plain pinned device-to-host copy of the same bytes (target: 80%+ of it);
-skipped on a machine without CUDA.
+The same with the state on a GPU is ``benchmarks/gpu_bench.py``.
 Writes ``benchmarks/results/async_bench.json``.
 """
 
@@ -38,9 +36,26 @@ MiB = 1 << 20
 REGION = "us-east-1"
 
 
-def make_state(size_mib: int, tensors: int = 64) -> dict[str, torch.Tensor]:
+def make_state(size_mib: int, tensors: int = 64, device: str = "cpu") -> dict[str, torch.Tensor]:
     per = size_mib * MiB // tensors // 4
-    return {f"layer{i}.weight": torch.randn(per) for i in range(tensors)}
+    return {f"layer{i}.weight": torch.randn(per, device=device) for i in range(tensors)}
+
+
+def host_copy_target(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Preallocated host memory for a copy of ``state`` (pinned for GPU tensors)."""
+    return {
+        k: torch.empty(v.shape, dtype=v.dtype, pin_memory=v.device.type == "cuda")
+        for k, v in state.items()
+    }
+
+
+def copy_to_host(state: dict[str, torch.Tensor], dst: dict[str, torch.Tensor]) -> None:
+    """The floor for a snapshot: ``copy_`` of every tensor into ``dst`` (non-blocking from
+    a GPU, then one synchronize)."""
+    for key, tensor in state.items():
+        dst[key].copy_(tensor, non_blocking=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -63,52 +78,67 @@ def s3tc_writer(uri: str, endpoint: str) -> Any:
     return writer
 
 
+SYSTEMS = (
+    "copy_",
+    "shardckpt Checkpointer.save",
+    "dcp.async_save + ShardWriter + PinnedStager",
+    "dcp.async_save + S3StorageWriter",
+)
+
+
 def blocking_times(
     state: dict[str, torch.Tensor], server: LocalS3Server, reps: int
-) -> dict[str, list[float]]:
-    """Seconds the caller is blocked, per system, alternating systems each repetition."""
-    dst = {k: torch.empty_like(v) for k, v in state.items()}
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Seconds the caller is blocked, and seconds until the save is committed, per system,
+    alternating systems each repetition."""
+    dst = host_copy_target(state)
     ckpt = Checkpointer("s3://bench/ckpointer", endpoint=server.endpoint)
     stager = PinnedStager()
-    times: dict[str, list[float]] = {
-        k: []
-        for k in (
-            "copy_",
-            "shardckpt Checkpointer.save",
-            "dcp.async_save + ShardWriter + PinnedStager",
-            "dcp.async_save + S3StorageWriter",
-        )
-    }
+    times: dict[str, list[float]] = {k: [] for k in SYSTEMS}
+    committed: dict[str, list[float]] = {k: [] for k in SYSTEMS[1:]}
 
-    def timed(name: str, call: Callable[[], Any]) -> Any:
+    def timed(name: str, call: Callable[[], Any], finish: Callable[[Any], Any]) -> None:
         start = time.perf_counter()
         result = call()
         times[name].append(time.perf_counter() - start)
-        return result
+        finish(result)
+        if name in committed:
+            committed[name].append(time.perf_counter() - start)
 
     for rep in range(reps + 1):  # rep 0 warms up: first-save allocations are not steady state
-        timed("copy_", lambda: [dst[k].copy_(v) for k, v in state.items()])
-        handle = timed("shardckpt Checkpointer.save", lambda rep=rep: ckpt.save(rep, state))
-        handle.wait()
-        future = timed(
+        timed("copy_", lambda: copy_to_host(state, dst), _nothing)
+        timed("shardckpt Checkpointer.save", lambda rep=rep: ckpt.save(rep, state), _wait)
+        timed(
             "dcp.async_save + ShardWriter + PinnedStager",
             lambda rep=rep: dcp.async_save(
                 state,
                 storage_writer=ShardWriter(f"s3://bench/dcp-{rep}", endpoint=server.endpoint),
                 async_stager=stager,
             ),
+            _result,
         )
-        future.result()
-        future = timed(
+        timed(
             "dcp.async_save + S3StorageWriter",
             lambda rep=rep: dcp.async_save(
                 state, storage_writer=s3tc_writer(f"s3://bench/s3tc-{rep}", server.endpoint)
             ),
+            _result,
         )
-        future.result()
     ckpt.close()
     stager.close()
-    return {k: v[1:] for k, v in times.items()}
+    return {k: v[1:] for k, v in times.items()}, {k: v[1:] for k, v in committed.items()}
+
+
+def _nothing(_: Any) -> None:
+    pass
+
+
+def _wait(handle: Any) -> None:
+    handle.wait()
+
+
+def _result(future: Any) -> None:
+    future.result()
 
 
 class ToyTraining:
@@ -116,17 +146,20 @@ class ToyTraining:
 
     def __init__(self) -> None:
         torch.manual_seed(0)
-        self.model = torch.nn.Sequential(
+        self.model: torch.nn.Module = torch.nn.Sequential(
             torch.nn.Linear(1024, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 1024)
         )
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3)
+        self.opt: torch.optim.Optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3)
         self.x = torch.randn(256, 1024)
 
     def step(self) -> float:
+        """Seconds for one forward, backward and optimizer step (until the device is done)."""
         start = time.perf_counter()
         self.model(self.x).pow(2).mean().backward()
         self.opt.step()
         self.opt.zero_grad()
+        if self.x.is_cuda:
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
 
@@ -136,9 +169,10 @@ def step_slowdown(
     options: dict[str, Any],
     server: LocalS3Server | None,
     reps: int,
+    train: ToyTraining | None = None,
 ) -> dict[str, Any]:
     """Median step time with no save running vs while one uploads; the server's CPU seconds."""
-    train = ToyTraining()
+    train = train or ToyTraining()
     for _ in range(5):
         train.step()
     quiet: list[float] = []
@@ -176,14 +210,16 @@ def _save_in_process(size_mib: int, root: str, ready: Any, go: Any) -> None:
     dcp.save(state, storage_writer=ShardWriter(root), no_dist=True)
 
 
-def step_slowdown_other_process(size_mib: int, root: str, reps: int) -> dict[str, Any]:
+def step_slowdown_other_process(
+    size_mib: int, root: str, reps: int, train: ToyTraining | None = None
+) -> dict[str, Any]:
     """The same upload (to the local store) from another process, as a writer-process mode
     would run it: what remains of the slowdown is CPU and memory-bandwidth contention, not
     the GIL."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    train = ToyTraining()
+    train = train or ToyTraining()
     for _ in range(5):
         train.step()
     quiet = [train.step() for _ in range(10 * reps)]
@@ -205,9 +241,11 @@ def step_slowdown_other_process(size_mib: int, root: str, reps: int) -> dict[str
     }
 
 
-def overlap_blocking(state: dict[str, torch.Tensor], root: str, reps: int) -> list[float]:
+def overlap_blocking(
+    state: dict[str, torch.Tensor], root: str, reps: int, train: ToyTraining | None = None
+) -> list[float]:
     """Seconds ``save`` blocks in overlap mode (the copy runs on while training computes)."""
-    train = ToyTraining()
+    train = train or ToyTraining()
     times = []
     with Checkpointer(root, overlap=True) as ckpt:
         ckpt.attach(train.opt)
@@ -218,61 +256,6 @@ def overlap_blocking(state: dict[str, torch.Tensor], root: str, reps: int) -> li
             train.step()  # its optimizer step waits for the copy
             handle.wait()
     return times[1:]
-
-
-def pinned_copy_seconds(state: dict[str, torch.Tensor], pinned: dict[str, torch.Tensor]) -> float:
-    """Seconds for a plain device-to-host copy of ``state`` into the pinned ``pinned``:
-    ``copy_(non_blocking=True)`` per tensor, then one ``torch.cuda.synchronize()``."""
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for key, tensor in state.items():
-        pinned[key].copy_(tensor, non_blocking=True)
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def gpu_snapshot(size_mib: int, root: str, reps: int) -> dict[str, Any]:
-    """The state on the GPU: seconds ``Checkpointer.save`` blocks (its snapshot into pinned
-    host buffers, then the upload to the local store ``root`` runs on) against the pinned
-    device-to-host copy of the same bytes, alternating, medians of ``reps`` after one
-    warm-up (which allocates the buffers). GB/s is 10^9 bytes per second. Without CUDA:
-    ``{"skipped": why}``."""
-    if not torch.cuda.is_available():
-        return {"skipped": "no CUDA device"}
-    state = {key: tensor.cuda() for key, tensor in make_state(size_mib).items()}
-    nbytes = sum(t.numel() * t.element_size() for t in state.values())
-    pinned = {
-        key: torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-        for key, t in state.items()
-    }
-    copy_s: list[float] = []
-    save_s: list[float] = []
-    staged_bytes = 0
-    with Checkpointer(root) as ckpt:
-        for rep in range(reps + 1):
-            copy_s.append(pinned_copy_seconds(state, pinned))
-            torch.cuda.synchronize()  # nothing queued before the save: time its copy alone
-            start = time.perf_counter()
-            handle = ckpt.save(rep, state)
-            save_s.append(time.perf_counter() - start)
-            staged_bytes = handle.stats.bytes
-            handle.wait()
-    copy_s, save_s = copy_s[1:], save_s[1:]
-    copy_gbps = nbytes / 1e9 / statistics.median(copy_s)
-    snapshot_gbps = nbytes / 1e9 / statistics.median(save_s)
-    del state, pinned
-    torch.cuda.empty_cache()
-    return {
-        "device": torch.cuda.get_device_name(),
-        "bytes": nbytes,
-        "staged_bytes": staged_bytes,
-        "pinned_copy_s": copy_s,
-        "checkpointer_save_s": save_s,
-        "pinned_copy_gbps": copy_gbps,
-        "checkpointer_snapshot_gbps": snapshot_gbps,
-        "snapshot_vs_pinned_copy": snapshot_gbps / copy_gbps,
-        "target": 0.8,
-    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -294,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ.update(server.env)
     server.create_bucket("bench")
     try:
-        blocking = blocking_times(state, server, args.reps)
+        blocking, committed = blocking_times(state, server, args.reps)
         # Training with 1 intra-op thread leaves a core to the background work, as the spare
         # cores of a GPU node do; with all threads, training and upload share both cores.
         slowdown: dict[str, Any] = {}
@@ -324,8 +307,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             blocking["shardckpt Checkpointer.save, overlap=True"] = overlap_blocking(
                 state, os.path.join(tmp, "overlap"), args.reps
             )
-        with tempfile.TemporaryDirectory() as tmp:
-            gpu = gpu_snapshot(args.size_mib, os.path.join(tmp, "gpu"), args.reps)
     finally:
         server.stop()
     medians = {k: statistics.median(v) for k, v in blocking.items()}
@@ -339,6 +320,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "state_mib": args.size_mib,
         "blocking_s": blocking,
         "blocking_median_s": medians,
+        "committed_s": committed,
         "ratios": {
             "checkpointer_vs_copy_": ours / medians["copy_"],
             "checkpointer_vs_s3tc_async_save": ours / medians["dcp.async_save + S3StorageWriter"],
@@ -352,7 +334,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             / medians["dcp.async_save + S3StorageWriter"],
         },
         "step_time": slowdown,
-        "gpu_snapshot": gpu,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
@@ -369,15 +350,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(
             f"step time during upload ({name}): {r['step_s_quiet'] * 1e3:.1f} -> {r['step_s_during_upload'] * 1e3:.1f} ms "
             f"({r['slowdown']:.2f}x over {r['steps_during_upload']} steps{extra})"
-        )
-    if "skipped" in gpu:
-        print(f"GPU snapshot: skipped ({gpu['skipped']})")
-    else:
-        print(
-            f"GPU snapshot ({gpu['device']}, median of {args.reps}): Checkpointer.save "
-            f"{gpu['checkpointer_snapshot_gbps']:.2f} GB/s vs pinned copy_ "
-            f"{gpu['pinned_copy_gbps']:.2f} GB/s = {gpu['snapshot_vs_pinned_copy']:.0%} "
-            f"(target {gpu['target']:.0%})"
         )
     return result
 

@@ -50,7 +50,7 @@ class TransformerShape:
 TRANSFORMER = TransformerShape()
 
 
-def _transformer(shape: TransformerShape) -> torch.nn.Module:
+def transformer_model(shape: TransformerShape) -> torch.nn.Module:
     layer = torch.nn.TransformerEncoderLayer(
         shape.d_model, shape.heads, shape.d_ff, dropout=0.0, batch_first=True
     )
@@ -65,7 +65,7 @@ def transformer_state(shape: TransformerShape, seed: int = 0) -> dict[str, torch
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     torch.manual_seed(seed)
-    model = _transformer(shape)
+    model = transformer_model(shape)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(2, 16, shape.d_model)).pow(2).mean().backward()
     optimizer.step()
@@ -81,7 +81,7 @@ def transformer_state(shape: TransformerShape, seed: int = 0) -> dict[str, torch
 def _transformer_size(shape: TransformerShape) -> tuple[int, int]:
     """(bytes, tensors) of one replica, without training: each float32 parameter has the
     parameter, ``exp_avg`` and ``exp_avg_sq``, plus a 0-d float32 ``step``."""
-    params = list(_transformer(shape).parameters())
+    params = list(transformer_model(shape).parameters())
     return 3 * sum(p.numel() for p in params) * _ELEMENT + len(params) * _ELEMENT, 4 * len(params)
 
 

@@ -1,10 +1,14 @@
 """The ``staging`` layer: snapshot a state dict into reused host buffers.
 
 The snapshot is the only part of a save that blocks training. GPU tensors are copied into
-pinned host buffers on a dedicated CUDA stream with non-blocking copies, then synchronized
+pinned host memory on a dedicated CUDA stream with non-blocking copies, then synchronized
 with an event; CPU tensors are copied into plain host buffers. Buffers are allocated on the
 first save and reused by every later save of the same shapes, so staging memory is bounded
 by one copy of the state and never grows across saves.
+
+Pinned memory is one slab per layout, page-locked at its exact size with ``cudaHostRegister``:
+torch's pinned allocator rounds every allocation up to a power of two, which would hold up
+to twice the state's bytes in locked RAM.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,26 +30,66 @@ from shardckpt.errors import SaveFailedError
 logger = logging.getLogger(__name__)
 
 Path = tuple[Any, ...]
+Spec = tuple[tuple[int, ...], torch.dtype]
+_ALIGN = 4096  # slab offsets: page-aligned, so every dtype view is aligned too
+
+
+class PinnedSlab:
+    """``nbytes`` of host memory page-locked with ``cudaHostRegister``, cut into views.
+
+    The registration is undone when the slab is garbage-collected; views handed out before
+    keep the memory itself alive (then merely unpinned), so nothing reads freed memory.
+    """
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.memory = torch.empty(nbytes, dtype=torch.uint8)
+        pointer = self.memory.data_ptr()
+        error = int(torch.cuda.cudart().cudaHostRegister(pointer, nbytes, 0))
+        if error:
+            raise SaveFailedError(
+                f"cannot pin {nbytes} bytes of host memory for staging (CUDA error {error}); "
+                "is the locked-memory limit (ulimit -l) too low?"
+            )
+        weakref.finalize(self, _unregister, pointer)
+
+    def view(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = _nbytes(shape, dtype)
+        return self.memory[offset : offset + nbytes].view(dtype).view(shape)
+
+
+def _unregister(pointer: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(pointer)
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return torch.Size(shape).numel() * dtype.itemsize
 
 
 class HostStaging:
     """A pool of host buffers and the copies into it.
 
-    ``pin_memory``: pin buffers (default: when CUDA is available, since only then does pinning
-    speed copies up).
+    ``pin_memory``: pin the buffers of GPU tensors (default: when CUDA is available).
     """
 
     def __init__(self, *, pin_memory: bool | None = None) -> None:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._buffers: dict[Path, torch.Tensor] = {}
+        self._slab: PinnedSlab | None = None
+        self._slab_layout: dict[Path, Spec] = {}
         self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self._lock = threading.Lock()
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-stage")
 
     @property
     def nbytes(self) -> int:
-        """Host memory held by staging buffers, in bytes."""
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+        """Host memory held by staging buffers, in bytes (the pinned slab counted whole)."""
+        plain = sum(
+            b.numel() * b.element_size()
+            for p, b in self._buffers.items()
+            if p not in self._slab_layout
+        )
+        return plain + (self._slab.nbytes if self._slab is not None else 0)
 
     def snapshot(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """A copy of ``state_dict`` whose tensors live in host buffers; returns once every
@@ -61,11 +106,16 @@ class HostStaging:
         background thread (``defer_cpu``) or before returning. Until the wait function has
         returned, ``state_dict`` must not be modified (see the Checkpointer's overlap mode)."""
         with self._lock:
-            seen: set[Path] = set()
-            copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-            staged = self._stage_tree(state_dict, (), seen, copies)
-            for path in set(self._buffers) - seen:  # state shrank: free what it no longer needs
-                del self._buffers[path]
+            tensors: dict[Path, torch.Tensor] = {}
+
+            def collect(path: Path, tensor: torch.Tensor) -> torch.Tensor:
+                tensors[path] = tensor.detach()
+                return tensor
+
+            _walk(state_dict, (), collect, _same)
+            self._allocate(tensors)
+            staged = _walk(state_dict, (), lambda path, _: self._buffers[path], _deepcopy)
+            copies = [(self._buffers[path], t) for path, t in tensors.items()]
             device_copies = [(b, t) for b, t in copies if t.device.type != "cpu"]
             host_copies = [(b, t) for b, t in copies if t.device.type == "cpu"]
             event = self._copy_on_side_stream(device_copies) if device_copies else None
@@ -74,7 +124,7 @@ class HostStaging:
             else:
                 _copy_all(host_copies)
                 done = None
-        logger.debug("staging %d tensors into %d bytes of host buffers", len(seen), self.nbytes)
+        logger.debug("staging %d tensors into %d bytes of host buffers", len(tensors), self.nbytes)
 
         def wait() -> None:
             if done is not None:
@@ -83,6 +133,37 @@ class HostStaging:
                 event.synchronize()
 
         return staged, wait
+
+    def _allocate(self, tensors: dict[Path, torch.Tensor]) -> None:
+        """Make ``self._buffers`` hold a buffer of the right shape and dtype for every path,
+        reusing what the last snapshot had; the pinned slab is rebuilt when any GPU tensor's
+        shape or dtype changed."""
+        specs = {path: (tuple(t.shape), t.dtype) for path, t in tensors.items()}
+        pinned = {
+            path: spec
+            for path, spec in specs.items()
+            if self.pin_memory and tensors[path].device.type == "cuda"
+        }
+        if pinned != self._slab_layout:
+            self._buffers = {p: b for p, b in self._buffers.items() if p not in self._slab_layout}
+            self._slab, self._slab_layout = None, {}  # unpinned before the new slab is pinned
+            if pinned:
+                self._buffers.update(self._pin(pinned))
+        for path in set(self._buffers) - specs.keys():  # state shrank: free what it no longer needs
+            del self._buffers[path]
+        for path, (shape, dtype) in specs.items():
+            buffer = self._buffers.get(path)
+            if buffer is None or (tuple(buffer.shape), buffer.dtype) != (shape, dtype):
+                self._buffers[path] = torch.empty(shape, dtype=dtype, device="cpu")
+
+    def _pin(self, layout: dict[Path, Spec]) -> dict[Path, torch.Tensor]:
+        offsets, end = {}, 0
+        for path, spec in layout.items():
+            offsets[path] = end
+            end += -(-_nbytes(*spec) // _ALIGN) * _ALIGN
+        self._slab, self._slab_layout = PinnedSlab(max(end, 1)), layout
+        logger.info("staging: pinned %d bytes of host memory for %d tensors", end, len(layout))
+        return {path: self._slab.view(offsets[path], *spec) for path, spec in layout.items()}
 
     def _copy_on_side_stream(self, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
         stream = self._stream
@@ -97,52 +178,46 @@ class HostStaging:
             event.record(stream)
         return event
 
-    def _stage_tree(
-        self,
-        value: Any,
-        path: Path,
-        seen: set[Path],
-        copies: list[tuple[torch.Tensor, torch.Tensor]],
-    ) -> Any:
-        if isinstance(value, DTensor):
-            local = self._stage_tensor(value.to_local(), path, seen, copies)
-            return DTensor(local, value._spec, requires_grad=False)
-        if isinstance(value, torch.Tensor):
-            return self._stage_tensor(value, path, seen, copies)
-        if isinstance(value, dict):
-            return {k: self._stage_tree(v, (*path, k), seen, copies) for k, v in value.items()}
-        if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
-            return type(value)(
-                self._stage_tree(v, (*path, i), seen, copies) for i, v in enumerate(value)
-            )
-        try:
-            return copy.deepcopy(value)  # non-tensor values may be mutated by training later
-        except Exception as exc:
-            where = ".".join(map(str, path)) or "the state dict"
-            raise SaveFailedError(
-                f"{where!r} cannot be copied for the snapshot: {type(exc).__name__}: {exc}"
-            ) from exc
-
-    def _stage_tensor(
-        self,
-        tensor: torch.Tensor,
-        path: Path,
-        seen: set[Path],
-        copies: list[tuple[torch.Tensor, torch.Tensor]],
-    ) -> torch.Tensor:
-        seen.add(path)
-        buffer = self._buffers.get(path)
-        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-            pin = self.pin_memory and tensor.device.type == "cuda"
-            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
-            self._buffers[path] = buffer
-        copies.append((buffer, tensor.detach()))
-        return buffer
-
     def close(self) -> None:
         with self._lock:
             self._copier.shutdown(wait=True)
             self._buffers.clear()
+            self._slab, self._slab_layout = None, {}
+
+
+def _walk(
+    value: Any,
+    path: Path,
+    on_tensor: Callable[[Path, torch.Tensor], torch.Tensor],
+    on_other: Callable[[Path, Any], Any],
+) -> Any:
+    """``value`` rebuilt with ``on_tensor`` applied to every tensor (a DTensor's local
+    shard) and ``on_other`` to every other leaf, through dicts, lists and tuples."""
+    if isinstance(value, DTensor):
+        local = value.to_local()
+        staged = on_tensor(path, local)
+        return value if staged is local else DTensor(staged, value._spec, requires_grad=False)
+    if isinstance(value, torch.Tensor):
+        return on_tensor(path, value)
+    if isinstance(value, dict):
+        return {k: _walk(v, (*path, k), on_tensor, on_other) for k, v in value.items()}
+    if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
+        return type(value)(_walk(v, (*path, i), on_tensor, on_other) for i, v in enumerate(value))
+    return on_other(path, value)
+
+
+def _same(path: Path, value: Any) -> Any:
+    return value
+
+
+def _deepcopy(path: Path, value: Any) -> Any:
+    try:
+        return copy.deepcopy(value)  # non-tensor values may be mutated by training later
+    except Exception as exc:
+        where = ".".join(map(str, path)) or "the state dict"
+        raise SaveFailedError(
+            f"{where!r} cannot be copied for the snapshot: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 class PinnedStager(AsyncStager):
