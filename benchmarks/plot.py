@@ -1,4 +1,5 @@
-"""The figure: save and load GB/s per system, grouped by workload (log scale)."""
+"""The figure: save and load GB/s and the seconds a save blocks its caller, per system,
+grouped by workload (log scales)."""
 
 from __future__ import annotations
 
@@ -18,22 +19,27 @@ def plot(results: dict[str, Any], path: str) -> str | None:
     systems = list(dict.fromkeys(name for w in workloads for name in w["systems"]))
     if not systems:
         return "no results to plot"
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.5 * len(workloads) + 4), 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(max(12, 3.5 * len(workloads) + 6), 4.5))
     width = 0.8 / len(systems)
-    for ax, op in zip(axes, ("save", "load"), strict=True):
+    panels = (
+        ("save_gbps", "save (GB/s, higher is better)"),
+        ("load_gbps", "load (GB/s, higher is better)"),
+        ("blocked_s", "save blocks the caller (s, lower is better)"),
+    )
+    for ax, (figure, title) in zip(axes, panels, strict=True):
         for i, name in enumerate(systems):
             xs, ys = [], []
             for j, w in enumerate(workloads):
                 if w["systems"].get(name, {}).get("median"):
                     xs.append(j + (i - (len(systems) - 1) / 2) * width)
-                    ys.append(w["systems"][name]["median"][f"{op}_gbps"])
+                    ys.append(w["systems"][name]["median"][figure])
             ax.bar(xs, ys, width, label=name)
         ax.set_xticks(range(len(workloads)), [w["label"] for w in workloads])
         ax.set_yscale("log")
-        ax.set_title(f"{op} (GB/s, higher is better)")
+        ax.set_title(title)
         ax.grid(axis="y", which="both", alpha=0.3)
-    axes[0].set_ylabel("GB/s (10^9 bytes/s), median of reps")
-    axes[1].legend(fontsize="small")
+    axes[0].set_ylabel("median of reps (GB/s: 10^9 bytes/s)")
+    axes[2].legend(fontsize="small")
     server = results["config"]["server"]
     fig.suptitle(
         f"{results['name']}: DCP checkpoint to a local {server} S3 server, {results['machine']['cpu_count']} CPUs"

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from benchmarks.s3util import REGION, MiB, Target, byte_views, cut, read_into, split_uri
@@ -59,6 +60,105 @@ class Shardckpt(System):
         from shardckpt import ShardReader
 
         dcp.load(state, storage_reader=ShardReader(uri, endpoint=self.target.endpoint))
+        return None
+
+
+class ShardckptCheckpointer(System):
+    """The training-loop API: one ``Checkpointer`` for the whole run (its staging buffers and
+    cached plan are reused, as in training), one step per save."""
+
+    name = "checkpointer"
+    description = (
+        "shardckpt.Checkpointer.save (phase 'blocked': until it returns after the snapshot; "
+        "timed until committed) / Checkpointer.load"
+    )
+
+    def __init__(self, target: Target) -> None:
+        super().__init__(target)
+        self._checkpointer = None
+        self._step = -1
+
+    def save(self, state: State, uri: str) -> Phases:
+        from shardckpt import Checkpointer
+
+        if self._checkpointer is None:  # every rank gets here together (the save barrier)
+            root = uri.rsplit("/", 1)[0] + "/steps"
+            self._checkpointer = Checkpointer(root, endpoint=self.target.endpoint)
+        self._step += 1
+        start = time.perf_counter()
+        handle = self._checkpointer.save(self._step, state)
+        blocked = time.perf_counter() - start
+        handle.wait()
+        return {"blocked": blocked}
+
+    def load(self, state: State, uri: str) -> Phases:
+        assert self._checkpointer is not None, "save first"
+        self._checkpointer.load(state, step=self._step)
+        return None
+
+    def cleanup(self, uri: str) -> None:
+        from shardckpt.catalog import step_name
+
+        ckpt = self._checkpointer
+        if ckpt is not None and ckpt.rank == 0:  # the step lives outside ``uri``: drop it here
+            ckpt.store.delete([o.key for o in ckpt.store.list(step_name(self._step) + "/")])
+
+
+class AsyncSave(Shardckpt):
+    """``dcp.async_save`` with ``ShardWriter`` and one ``PinnedStager`` for the run."""
+
+    name = "async_save"
+    description = (
+        "dcp.async_save(storage_writer=ShardWriter, async_stager=PinnedStager) (phase "
+        "'blocked': until it returns; timed until the future completes) / ShardReader"
+    )
+
+    def __init__(self, target: Target) -> None:
+        super().__init__(target)
+        self._stager = None
+
+    def save(self, state: State, uri: str) -> Phases:
+        from shardckpt import PinnedStager, ShardWriter
+
+        self._stager = self._stager or PinnedStager()
+        start = time.perf_counter()
+        future = dcp.async_save(
+            state,
+            storage_writer=ShardWriter(uri, endpoint=self.target.endpoint),
+            async_stager=self._stager,
+        )
+        blocked = time.perf_counter() - start
+        future.result()
+        return {"blocked": blocked}
+
+
+class TorchSave(System):
+    """s3torchconnector's ``S3Checkpoint`` with ``torch.save``/``torch.load``: one object per
+    rank, written and read as one stream (what a single-process script does)."""
+
+    name = "s3checkpoint"
+    description = "s3torchconnector S3Checkpoint + torch.save / torch.load, one object per rank"
+
+    def _key(self, uri: str) -> str:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return f"{uri}/rank{rank}.pt"
+
+    def _checkpoint(self):  # type: ignore[no-untyped-def]
+        from s3torchconnector import S3Checkpoint, S3ClientConfig
+
+        config = S3ClientConfig(force_path_style=True)
+        return S3Checkpoint(REGION, endpoint=self.target.endpoint, s3client_config=config)
+
+    def save(self, state: State, uri: str) -> Phases:
+        with self._checkpoint().writer(self._key(uri)) as f:
+            torch.save(state, f)
+        return None
+
+    def load(self, state: State, uri: str) -> Phases:
+        with self._checkpoint().reader(self._key(uri)) as f:
+            loaded = torch.load(f, weights_only=True)
+        for key, tensor in state.items():
+            tensor.copy_(loaded[key])
         return None
 
 
@@ -280,7 +380,17 @@ class Memcpy(System):
         self._flat = None
 
 
-ALL = ("shardckpt", "s3tc-t1", "s3tc-t8", "local+sync", "raw", "memcpy")
+ALL = (
+    "shardckpt",
+    "checkpointer",
+    "async_save",
+    "s3tc-t1",
+    "s3tc-t8",
+    "s3checkpoint",
+    "local+sync",
+    "raw",
+    "memcpy",
+)
 
 
 def build(
@@ -289,6 +399,9 @@ def build(
     """The systems called ``names`` (see ``ALL``), in that order."""
     made: dict[str, Callable[[], System]] = {
         "shardckpt": lambda: Shardckpt(target),
+        "checkpointer": lambda: ShardckptCheckpointer(target),
+        "async_save": lambda: AsyncSave(target),
+        "s3checkpoint": lambda: TorchSave(target),
         "s3tc-t1": lambda: Connector(target, 1, connector_reader),
         "s3tc-t8": lambda: Connector(target, 8, connector_reader),
         "local+sync": lambda: LocalThenSync(target),
