@@ -39,7 +39,7 @@ def plot(results: dict[str, Any], path: str) -> str | None:
         ax.set_title(title)
         ax.grid(axis="y", which="both", alpha=0.3)
     axes[0].set_ylabel("median of reps (GB/s: 10^9 bytes/s)")
-    axes[2].legend(fontsize="small")
+    axes[2].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     server = results["config"]["server"]
     fig.suptitle(
         f"{results['name']}: DCP checkpoint to a local {server} S3 server, {results['machine']['cpu_count']} CPUs"

@@ -4,6 +4,9 @@ Conventions: a rep's time is its slowest rank's (each rank timed between the sam
 barriers); figures are medians over reps; GB/s is 10^9 bytes of the whole state (all ranks)
 per second; "shardckpt vs X" is X's time / shardckpt's time, so > 1 means shardckpt is faster,
 and against the raw limit it is the fraction of the limit shardckpt reaches.
+
+``python -m benchmarks.report FILE.json`` recomputes a results file's medians and ratios from
+its raw reps, rewrites it, reprints its table and redraws its plot.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 from statistics import median
 from typing import Any
 
+from benchmarks.systems import PEERS
 from benchmarks.workloads import Workload
 
 MiB = 1 << 20
@@ -61,6 +65,30 @@ def ratios(medians: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     }
 
 
+def compare(systems: dict[str, Any]) -> dict[str, Any]:
+    """A workload's ``ratios`` and ``best_peer`` from its systems' medians."""
+    medians = {name: s["median"] for name, s in systems.items() if s["median"]}
+    return {"ratios": ratios(medians), "best_peer": best_peers(medians)}
+
+
+def refresh(results: dict[str, Any]) -> None:
+    """Recompute every median and comparison of ``results`` from its raw reps (after a
+    change to how they are summarised)."""
+    for w in results["workloads"]:
+        workload = Workload.parse(w["workload"], w["world_size"])
+        for s in w["systems"].values():
+            s["median"] = summarise_system(workload, s["reps"]) if s["reps"] else None
+        w.update(compare(w["systems"]))
+
+
+def best_peers(medians: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The fastest peer (a system users pick today) for save and for load."""
+    peers = [name for name in medians if name in PEERS]
+    if not peers:
+        return {}
+    return {op: min(peers, key=lambda n: medians[n][f"{op}_s"]) for op in ("save", "load")}
+
+
 def bit_exact(reps: list[dict[str, Any]], failed: str | None) -> str | None:
     """``"OK"`` if every rep's load was verified byte for byte on every rank and nothing
     failed; ``"MISMATCH"`` if a load returned other bytes; ``"FAILED"`` if the system failed
@@ -97,7 +125,7 @@ def summarise(workload: Workload, log: Any) -> dict[str, Any]:
         "total_bytes": workload.total_bytes,
         "num_tensors": workload.num_tensors,
         "systems": systems,
-        "ratios": ratios({n: s["median"] for n, s in systems.items() if s["median"]}),
+        **compare(systems),
     }
 
 
@@ -166,5 +194,31 @@ def table(results: dict[str, Any]) -> str:
         if w["ratios"]:
             lines.append("shardckpt vs X (X time / shardckpt time; >1: shardckpt faster):")
             for name, r in w["ratios"].items():
-                lines.append(f"  vs {name:<11} save {r['save']:6.2f}x   load {r['load']:6.2f}x")
+                lines.append(f"  vs {name:<12} save {r['save']:6.2f}x   load {r['load']:6.2f}x")
+            best = w.get("best_peer", {})
+            if best:
+                lines.append(
+                    "best peer: "
+                    + ", ".join(f"{op} {n} ({w['ratios'][n][op]:.2f}x)" for op, n in best.items())
+                )
+            if "raw" in w["ratios"]:
+                raw = w["ratios"]["raw"]
+                lines.append(
+                    f"shardckpt at {raw['save']:.0%} of the raw parallel PUT limit, "
+                    f"{raw['load']:.0%} of raw GET"
+                )
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from benchmarks.plot import plot
+
+    for path in sys.argv[1:] or sys.exit("usage: python -m benchmarks.report RESULTS.json ..."):
+        with open(path) as f:
+            results = json.load(f)
+        refresh(results)
+        write_json(results, path)
+        print(table(results))
+        print(plot(results, path[: -len(".json")] + ".png") or f"plot: {path[: -len('.json')]}.png")

@@ -380,6 +380,7 @@ class Memcpy(System):
         self._flat = None
 
 
+PEERS = ("s3tc-t1", "s3tc-t8", "s3checkpoint", "local+sync")  # what users pick today
 ALL = (
     "shardckpt",
     "checkpointer",
