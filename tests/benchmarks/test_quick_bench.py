@@ -45,12 +45,43 @@ def test_quick_bench_writes_complete_results(tmp_path) -> None:  # type: ignore[
             assert median["reps"] == 2, where
             for op in ("save", "load"):
                 assert median[f"{op}_s"] > 0 and median[f"{op}_gbps"] > 0, where
+            if name in ("checkpointer", "async_save"):  # returns before it is committed
+                assert 0 < median["blocked_s"] < median["save_s"], where
+            else:
+                assert median["blocked_s"] == median["save_s"], where
             if name != "memcpy":  # the only system that does not talk to S3
                 assert s["requests"]["save"] and s["requests"]["load"], where
         others = [n for n in systems.ALL if n != "shardckpt"]
         assert sorted(w["ratios"]) == sorted(others), w["label"]
         for name, r in w["ratios"].items():
             assert r["save"] > 0 and r["load"] > 0, f"{w['label']} ratio vs {name}"
+        assert set(w["best_peer"].values()) <= set(systems.PEERS), w["label"]
+
+    # Re-rendering from the raw reps reproduces the medians the run wrote.
+    command = [sys.executable, "-m", "benchmarks.report", str(tmp_path / "ci-smoke.json")]
+    redone = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert redone.returncode == 0, redone.stderr[-3000:]
+    with open(tmp_path / "ci-smoke.json") as f:
+        assert json.load(f)["workloads"] == results["workloads"]
+    assert "best peer:" in redone.stdout and (tmp_path / "ci-smoke.png").exists()
+
+
+@pytest.mark.slow
+def test_gpu_bench_sections_run_on_the_cpu(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The GPU script runs only where a GPU is lent; ``--device cpu`` keeps it from rotting."""
+    out = tmp_path / "gpu.json"
+    command = [sys.executable, "-m", "benchmarks.gpu_bench", "--device", "cpu", "--size-mib", "8"]
+    command += ["--reps", "1", "--model", "32,2,64,1", "--batch", "2,8", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, f"exit {done.returncode}; stderr tail:\n{done.stderr[-3000:]}"
+    with open(out) as f:
+        results = json.load(f)
+    sections = ["bandwidth", "snapshot", "load", "overlap_blocking_s", "model_snapshot"]
+    sections += ["step_time", "peers"]
+    assert list(results["section_s"]) == sections
+    failed = {k: v["error"] for k, v in results.items() if isinstance(v, dict) and "error" in v}
+    assert not failed, failed
+    assert results["snapshot"]["staged_bytes"] == results["snapshot"]["bytes"]
 
 
 @pytest.mark.slow
