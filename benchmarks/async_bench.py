@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 
+from benchmarks.measure import blocked_and_done
 from shardckpt import Checkpointer, PinnedStager, ShardWriter
 from shardckpt.devserver import LocalS3Server, start_moto
 
@@ -98,16 +99,16 @@ def blocking_times(
     committed: dict[str, list[float]] = {k: [] for k in SYSTEMS[1:]}
 
     def timed(name: str, call: Callable[[], Any], finish: Callable[[Any], Any]) -> None:
-        start = time.perf_counter()
-        result = call()
-        times[name].append(time.perf_counter() - start)
-        finish(result)
+        blocked, total = blocked_and_done(call, finish)
+        times[name].append(blocked)
         if name in committed:
-            committed[name].append(time.perf_counter() - start)
+            committed[name].append(total)
 
     for rep in range(reps + 1):  # rep 0 warms up: first-save allocations are not steady state
-        timed("copy_", lambda: copy_to_host(state, dst), _nothing)
-        timed("shardckpt Checkpointer.save", lambda rep=rep: ckpt.save(rep, state), _wait)
+        timed("copy_", lambda: copy_to_host(state, dst), lambda _: None)
+        timed(
+            "shardckpt Checkpointer.save", lambda rep=rep: ckpt.save(rep, state), lambda h: h.wait()
+        )
         timed(
             "dcp.async_save + ShardWriter + PinnedStager",
             lambda rep=rep: dcp.async_save(
@@ -115,30 +116,18 @@ def blocking_times(
                 storage_writer=ShardWriter(f"s3://bench/dcp-{rep}", endpoint=server.endpoint),
                 async_stager=stager,
             ),
-            _result,
+            lambda future: future.result(),
         )
         timed(
             "dcp.async_save + S3StorageWriter",
             lambda rep=rep: dcp.async_save(
                 state, storage_writer=s3tc_writer(f"s3://bench/s3tc-{rep}", server.endpoint)
             ),
-            _result,
+            lambda future: future.result(),
         )
     ckpt.close()
     stager.close()
     return {k: v[1:] for k, v in times.items()}, {k: v[1:] for k, v in committed.items()}
-
-
-def _nothing(_: Any) -> None:
-    pass
-
-
-def _wait(handle: Any) -> None:
-    handle.wait()
-
-
-def _result(future: Any) -> None:
-    future.result()
 
 
 class ToyTraining:

@@ -52,6 +52,7 @@ from benchmarks.async_bench import (
     step_slowdown,
     step_slowdown_other_process,
 )
+from benchmarks.measure import blocked_and_done
 from benchmarks.workloads import TransformerShape, transformer_model
 from shardckpt import Checkpointer
 from shardckpt.devserver import start_moto
@@ -128,17 +129,14 @@ def snapshot(
     }
     with Checkpointer(root, keep_last=1) as ckpt:
         for rep in range(reps + 1):
-            for name, call in (
-                ("copy_", lambda: copy_to_host(flat, dst)),
-                ("HostStaging.snapshot", lambda: staging.snapshot(state)),
-                ("Checkpointer.save", lambda rep=rep: ckpt.save(rep, state)),
+            for name, call, finish in (
+                ("copy_", lambda: copy_to_host(flat, dst), lambda _: None),
+                ("HostStaging.snapshot", lambda: staging.snapshot(state), lambda _: None),
+                ("Checkpointer.save", lambda rep=rep: ckpt.save(rep, state), lambda h: h.wait()),
             ):
                 sync(device)  # nothing queued before: time the copy alone
-                start = time.perf_counter()
-                result = call()
-                times[name].append(time.perf_counter() - start)
-                if name == "Checkpointer.save":
-                    result.wait()
+                blocked, _ = blocked_and_done(call, finish)
+                times[name].append(blocked)
         staged_bytes = ckpt.staging.nbytes
     staging.close()
     out: dict[str, Any] = {"bytes": nbytes, "tensors": len(flat), "staged_bytes": staged_bytes}

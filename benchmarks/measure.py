@@ -6,6 +6,9 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -63,3 +66,15 @@ def measure(call: Callable[[], dict[str, float] | None]) -> Sample:
     phases = call() or {}
     seconds = time.perf_counter() - started
     return Sample(seconds, before, peak_rss(), dict(phases))
+
+
+def blocked_and_done(
+    start: Callable[[], T], finish: Callable[[T], Any] = lambda _: None
+) -> tuple[float, float]:
+    """Seconds until ``start()`` returns (what its caller is blocked) and until ``finish`` of
+    its result returns (for an asynchronous save: until it is committed)."""
+    began = time.perf_counter()
+    pending = start()
+    blocked = time.perf_counter() - began
+    finish(pending)
+    return blocked, time.perf_counter() - began

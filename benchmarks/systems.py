@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from benchmarks.measure import blocked_and_done
 from benchmarks.s3util import REGION, MiB, Target, byte_views, cut, read_into, split_uri
 
 State = dict[str, torch.Tensor]
@@ -85,10 +86,8 @@ class ShardckptCheckpointer(System):
             root = uri.rsplit("/", 1)[0] + "/steps"
             self._checkpointer = Checkpointer(root, endpoint=self.target.endpoint)
         self._step += 1
-        start = time.perf_counter()
-        handle = self._checkpointer.save(self._step, state)
-        blocked = time.perf_counter() - start
-        handle.wait()
+        checkpointer, step = self._checkpointer, self._step
+        blocked, _ = blocked_and_done(lambda: checkpointer.save(step, state), lambda h: h.wait())
         return {"blocked": blocked}
 
     def load(self, state: State, uri: str) -> Phases:
@@ -120,15 +119,14 @@ class AsyncSave(Shardckpt):
     def save(self, state: State, uri: str) -> Phases:
         from shardckpt import PinnedStager, ShardWriter
 
-        self._stager = self._stager or PinnedStager()
-        start = time.perf_counter()
-        future = dcp.async_save(
-            state,
-            storage_writer=ShardWriter(uri, endpoint=self.target.endpoint),
-            async_stager=self._stager,
+        stager = self._stager = self._stager or PinnedStager()
+        endpoint = self.target.endpoint
+        blocked, _ = blocked_and_done(
+            lambda: dcp.async_save(
+                state, storage_writer=ShardWriter(uri, endpoint=endpoint), async_stager=stager
+            ),
+            lambda future: future.result(),
         )
-        blocked = time.perf_counter() - start
-        future.result()
         return {"blocked": blocked}
 
 
