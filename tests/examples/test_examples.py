@@ -110,3 +110,21 @@ def test_sigterm_saves_a_final_checkpoint_and_resume_matches(tmp_path) -> None: 
     after, ref = _losses(resumed), _losses(reference)
     assert min(after) == stopped + 1, "the restarted job resumes right after the final save"
     assert after[stopped + 1] == ref[stopped + 1] and after[stopped + 2] == ref[stopped + 2]
+
+
+def test_torchrun_launcher_without_nvidia_smi_uses_two_processes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """launch/torchrun.sh on a machine without GPUs (no nvidia-smi on PATH): 2 processes,
+    a real run that commits its checkpoints (it used to exit 127 with no message)."""
+    script = os.path.join(EXAMPLES, "..", "launch", "torchrun.sh")
+    path = os.pathsep.join([os.path.dirname(sys.executable), "/usr/bin", "/bin"])
+    ckpt = tmp_path / "ckpt"
+    done = subprocess.run(
+        ["bash", script, "--steps", "4", "--save-every", "2", "--parallel", "ddp"],
+        env=dict(ENV, PATH=path, CKPT=str(ckpt)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert f"torchrun.sh: 2 processes, checkpoints under {ckpt}" in done.stderr
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-0000000002", "step-0000000004"]
