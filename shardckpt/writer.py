@@ -211,7 +211,13 @@ class ShardWriter(StorageWriter):
         future.set_result([WriteResult(MetadataIndex(f"{_REPORT_FQN}.{self.rank}"), 0, report)])
         return future
 
+    @property
+    def save_id(self) -> str:
+        """DCP's ``StorageMeta.save_id`` of this save (the coordinator's attempt id)."""
+        return self.attempt
+
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        metadata.storage_meta = self.storage_meta()  # as DCP's FileSystemWriter does
         manifest = build_manifest(metadata, results, dict(self._attributes))
         commit(self.store, self._layout, manifest, overwrite=self.options.overwrite)
         self.last_manifest = manifest
