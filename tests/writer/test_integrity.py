@@ -17,6 +17,7 @@ from shardckpt import (
     IncompleteCheckpointError,
     ManifestError,
     ObjectNotFoundError,
+    SaveFailedError,
     ShardReader,
     ShardWriter,
 )
@@ -244,3 +245,30 @@ def test_storage_meta_as_dcp_records_it(
     out: dict[str, Any] = {"a": torch.ones(4, 4), "raw": io.BytesIO()}
     dcp.load(out, storage_reader=ShardReader(uri, **target.options))
     assert torch.equal(out["a"], torch.zeros(4, 4)) and out["raw"].getvalue() == b"\x00raw bytes"
+
+
+class _DeleteBeforeCommit(ShardWriter):
+    """A writer whose data object is deleted (as gc would) between upload and commit."""
+
+    def finish(self, metadata: Any, results: Any) -> None:
+        keys = [o.key for o in self.store.list() if "rank0-" in o.key]
+        self.store.delete(keys[:1])
+        self.deleted = self.store.uri(keys[0])
+        super().finish(metadata, results)
+
+
+@pytest.mark.parametrize("backend", ["local", "moto-boto3"])
+def test_commit_refuses_a_manifest_naming_deleted_data(
+    backend: str, request: pytest.FixtureRequest, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    target = make_target(backend, request, tmp_path)
+    uri = f"{target.uri}/ckpt"
+    writer = _DeleteBeforeCommit(uri, object_size=1 << 20, **target.options)
+    with pytest.raises(CheckpointException) as info:
+        dcp.save(make_state(1, 1), storage_writer=writer)
+    err = _cause(info.value)
+    assert isinstance(err, SaveFailedError) and writer.deleted in str(err), err
+    assert "is missing at commit time" in str(err)
+    assert writer.store.head(MANIFEST_NAME) is None, "nothing committed"
+    with pytest.raises((IncompleteCheckpointError, CheckpointNotFoundError)):
+        ShardReader(uri, **target.options).read_metadata()
