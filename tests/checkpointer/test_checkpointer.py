@@ -9,6 +9,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -210,6 +211,61 @@ def test_dcp_async_save_with_pinned_stager(tmp_path) -> None:  # type: ignore[no
     out = {"w": torch.empty(300, 7), "n": {"epoch": 0}}
     dcp.load(out, storage_reader=ShardReader(uri))
     assert not torch.equal(out["w"], torch.zeros(300, 7)) and out["n"]["epoch"] == 3
+
+
+class _GatedWriter(ShardWriter):
+    """A writer whose upload waits for ``gate``: its save stays in flight until then."""
+
+    def __init__(self, uri: str, gate: threading.Event, **options: Any) -> None:
+        super().__init__(uri, **options)
+        self.gate = gate
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        assert self.gate.wait(60), "the test never opened the gate"
+        return super().write_data(plan, planner)
+
+
+@pytest.mark.parametrize("backend", ["local", "moto-boto3"])
+def test_pinned_stager_never_overwrites_an_upload_in_flight(
+    backend: str, request: pytest.FixtureRequest, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    """A second async_save through the same stager while the first still uploads: each
+    checkpoint holds its own values (before: the first held the second's, CRCs and all)."""
+    import logging
+
+    target = make_target(backend, request, tmp_path)
+    uris = [f"{target.uri}/{name}" for name in ("a", "b", "c")]
+    stager, gate = PinnedStager(), threading.Event()
+    state = {"w": torch.full((1 << 16,), 1.0), "n": {"step": 1}}
+    first = dcp.async_save(
+        state, storage_writer=_GatedWriter(uris[0], gate, **target.options), async_stager=stager
+    )
+    state["w"].fill_(2.0)
+    state["n"]["step"] = 2
+    with caplog.at_level(logging.INFO, logger="shardckpt.staging"):
+        second = dcp.async_save(
+            state, storage_writer=ShardWriter(uris[1], **target.options), async_stager=stager
+        )
+        second.result()
+    assert not first.done(), "the first upload must still be in flight"
+    gate.set()
+    first.result()
+    for uri, value in zip(uris, (1.0, 2.0), strict=False):
+        out = {"w": torch.zeros(1 << 16), "n": {"step": 0}}
+        dcp.load(out, storage_reader=ShardReader(uri, **target.options))
+        assert torch.equal(out["w"], torch.full((1 << 16,), value)), uri
+        assert out["n"]["step"] == value, uri
+    assert "allocating another" in caplog.text
+    # Both uploads are done: their sets are free again (DCP drops the staged dicts just
+    # after the futures complete), so the next save reuses one instead of growing.
+    deadline = time.monotonic() + 10
+    while stager._busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    dcp.async_save(
+        state, storage_writer=ShardWriter(uris[2], **target.options), async_stager=stager
+    ).result()
+    assert len(stager._sets) == 2
+    stager.close()
 
 
 def test_runs_without_a_process_group() -> None:
