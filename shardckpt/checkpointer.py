@@ -27,10 +27,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from shardckpt.catalog import committed_steps, step_name
 from shardckpt.errors import (
+    CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     SaveFailedError,
-    ShardckptError,
+    describe_failures,
+    first_cause,
+    from_dcp,
 )
 from shardckpt.gc import GcReport, collect_garbage, retire_checkpoints
 from shardckpt.incremental import ContentIndex
@@ -199,6 +202,7 @@ class Checkpointer:
         # save's group with the background thread could interleave collectives and hang.
         self._control = _dedicated_group(process_group, collective_timeout)
         self._sigterm = False
+        self._previous_sigterm: Any = None  # the SIGTERM handler ours replaced, restored on close
         self.rank = dist.get_rank(self._group) if self._group is not None else 0
         self.staging = HostStaging()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-save")
@@ -243,7 +247,7 @@ class Checkpointer:
             staged, copied = self.staging.snapshot(state_dict), _nothing
         blocked = time.perf_counter() - started
         stats = SaveStats(step, self.rank, blocked, self.staging.nbytes, snapshot_s=blocked)
-        self._known_steps.add(step)
+        self._known_steps.add(step)  # taken from now on, unless the save fails (see _upload)
         future = self._executor.submit(self._upload, step, staged, copied, stats, started)
         self._pending = SaveHandle(step, future, stats)
         return self._pending
@@ -259,6 +263,20 @@ class Checkpointer:
             wait()
 
     def _upload(
+        self,
+        step: int,
+        staged: dict[str, Any],
+        copied: Callable[[], None],
+        stats: SaveStats,
+        started: float,
+    ) -> None:
+        try:
+            self._save_step(step, staged, copied, stats, started)
+        except BaseException:
+            self._known_steps.discard(step)  # a failed save leaves its step free to save again
+            raise
+
+    def _save_step(
         self,
         step: int,
         staged: dict[str, Any],
@@ -284,8 +302,8 @@ class Checkpointer:
             )
         except CheckpointException as exc:
             raise SaveFailedError(
-                f"save of step {step} to {self.store.uri(step_name(step))} failed: {_describe(exc)}"
-            ) from _first_cause(exc)
+                f"save of step {step} to {self.store.uri(step_name(step))} failed: {describe_failures(exc)}"
+            ) from first_cause(exc)
         except Exception as exc:
             raise SaveFailedError(
                 f"save of step {step} to {self.store.uri(step_name(step))} failed on rank {self.rank}: {exc}"
@@ -374,10 +392,7 @@ class Checkpointer:
         try:
             dcp.load(state_dict, storage_reader=reader, process_group=self._group)
         except CheckpointException as exc:
-            cause = _first_cause(exc)
-            if isinstance(cause, ShardckptError):
-                raise cause from exc
-            raise
+            raise from_dcp(exc, f"load of {reader.uri}", CheckpointError)  # noqa: B904 (has its cause)
         spent = self.store.stats.copy() - before
         stats = LoadStats(
             step,
@@ -425,6 +440,9 @@ class Checkpointer:
             self._closed = True
             for hook in self._hooks:
                 hook.remove()
+            if self._previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
+                self._previous_sigterm = None
             self._executor.shutdown(wait=True)
             self.staging.close()
             self.store.close()
@@ -446,15 +464,23 @@ class Checkpointer:
         """Opt-in preemption handling: on SIGTERM, only note it; the training loop asks
         :meth:`preempted` at a step boundary, takes a final save and exits. (Saving inside a
         signal handler could start collectives at different steps on different ranks.)
-        Call from the main thread."""
+        A Python handler installed before is still called after ours, and put back by
+        :meth:`close`. Call from the main thread."""
+        if self._previous_sigterm is not None:
+            return  # installed already
+        previous = signal.getsignal(signal.SIGTERM)
 
         def handler(signum: int, frame: Any) -> None:
             logger.warning(
                 "shardckpt: SIGTERM received: the loop will save and stop at the next check"
             )
             self._sigterm = True
+            if callable(previous):  # chain to the handler we replaced (not SIG_DFL / SIG_IGN)
+                previous(signum, frame)
 
         signal.signal(signal.SIGTERM, handler)
+        # None: installed from outside Python; the default is what we can restore
+        self._previous_sigterm = signal.SIG_DFL if previous is None else previous
 
     def preempted(self) -> bool:
         """Whether any rank has received SIGTERM. All ranks must call this at the same
@@ -476,13 +502,3 @@ def _dedicated_group(group: dist.ProcessGroup | None, timeout: float) -> dist.Pr
         return None
     ranks = None if group is None else dist.get_process_group_ranks(group)
     return dist.new_group(ranks=ranks, backend="gloo", timeout=timedelta(seconds=timeout))
-
-
-def _first_cause(exc: CheckpointException) -> BaseException:
-    return next(iter(exc.failures.values()))[0]
-
-
-def _describe(exc: CheckpointException) -> str:
-    return "; ".join(
-        f"rank {rank}: {type(e).__name__}: {e}" for rank, (e, _) in sorted(exc.failures.items())
-    )

@@ -17,15 +17,23 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from shardckpt._bytes import crc32c
 from shardckpt._duration import duration
 from shardckpt.catalog import committed_steps, find_checkpoints, step_name
-from shardckpt.errors import CheckpointNotFoundError, ObjectExistsError, ShardckptError
+from shardckpt.errors import (
+    CheckpointNotFoundError,
+    ChecksumMismatchError,
+    ObjectExistsError,
+    ShardckptError,
+)
 from shardckpt.gc import collect_garbage
 from shardckpt.layout import Layout
+from shardckpt.manifest import Manifest, ObjectRecord
 from shardckpt.mirror import add_mirror_command
 from shardckpt.reader import read_manifest
 from shardckpt.single import load as load_single
 from shardckpt.store import ObjectStore, open_store
+from shardckpt.store.base import gather
 from shardckpt.verify import verify_checkpoint
 
 
@@ -227,14 +235,26 @@ def cmd_cp(args: argparse.Namespace) -> int:
         manifest_key = layout.manifest_key
         manifest_bytes = src.get(manifest_key)
         manifest = read_manifest(src, layout)
+        # The manifest copied must be the one whose checksums the data was checked against.
+        if Manifest.from_json(manifest_bytes, src.uri(manifest_key)).streams != manifest.streams:
+            raise ShardckptError(f"{src.uri(manifest_key)} changed while it was being copied")
         progress = _Progress(len(manifest.objects), f"cp {src.uri(layout.prefix)}")
 
-        def copy(key: str, progress: _Progress = progress) -> None:
-            dst.put(key, [src.get(key)])
+        def copy(key: str, obj: ObjectRecord, progress: _Progress = progress) -> None:
+            data = src.get(key)
+            checksum = crc32c(memoryview(data))
+            if (len(data), checksum) != (obj.size, obj.crc32c):
+                raise ChecksumMismatchError(
+                    f"{src.uri(key)} does not match its manifest ({len(data)} bytes, CRC32C "
+                    f"{checksum:#010x}; manifest: {obj.size} bytes, "
+                    f"{obj.crc32c:#010x}): not copied; this checkpoint's manifest is not written"
+                )
+            dst.put(key, [data])
             progress.step()
 
-        with ThreadPoolExecutor(args.threads) as pool:  # reused streams: their homes' keys
-            list(pool.map(copy, layout.object_keys(manifest.streams)))
+        keys = layout.object_keys(manifest.streams)  # reused streams: their homes' keys
+        with ThreadPoolExecutor(args.threads) as pool:
+            gather([pool.submit(copy, k, o) for k, o in zip(keys, manifest.objects, strict=True)])
         try:  # the manifest last: the copy exists only once all its data does
             dst.put(manifest_key, [manifest_bytes], if_absent=not args.overwrite)
         except ObjectExistsError:

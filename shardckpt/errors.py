@@ -6,6 +6,11 @@ appear in a message: only URIs, keys, and the server's error code/text are used.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.api import CheckpointException
+
 
 class ShardckptError(Exception):
     """Base class of every error raised by shardckpt."""
@@ -77,3 +82,41 @@ class SaveFailedError(CheckpointError):
 
 class StateDictMismatchError(CheckpointError):
     """The state dict to load into does not fit the checkpoint (missing key, other shape)."""
+
+
+class ConditionalPutUnsupportedError(StoreError):
+    """The S3 server ignores ``If-None-Match``, so a commit could silently replace another's."""
+
+
+# -- DCP's failures as ours --------------------------------------------------------------------
+# DCP wraps every rank's error of a save or load in one CheckpointException, a BaseException
+# that ``except Exception`` does not catch; where shardckpt owns the call it raises its own.
+
+
+def first_cause(exc: CheckpointException) -> BaseException:
+    """The error of the lowest failed rank inside DCP's ``CheckpointException``."""
+    return sorted(exc.failures.items())[0][1][0]
+
+
+def describe_failures(exc: CheckpointException) -> str:
+    """Every failed rank's error, named by rank."""
+    return "; ".join(
+        f"rank {rank}: {type(e).__name__}: {e}" for rank, (e, _) in sorted(exc.failures.items())
+    )
+
+
+def from_dcp(exc: CheckpointException, what: str, fallback: type[ShardckptError]) -> ShardckptError:
+    """One shardckpt error for DCP's ``exc``: a single rank's shardckpt error as it is;
+    otherwise an error naming every failed rank (of their common shardckpt type if they
+    share one, else ``fallback``), its cause the first rank's error. ``what``: the operation
+    and URI, e.g. ``"load of s3://b/ckpt"``."""
+    causes = [e for _, (e, _) in sorted(exc.failures.items())]
+    if len(causes) == 1 and isinstance(causes[0], ShardckptError):
+        return causes[0]
+    kinds = {type(e) for e in causes}
+    kind = causes[0].__class__ if len(kinds) == 1 else fallback
+    if not issubclass(kind, ShardckptError):
+        kind = fallback
+    error = kind(f"{what} failed: {describe_failures(exc)}")
+    error.__cause__ = causes[0]
+    return error

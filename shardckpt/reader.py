@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import uuid
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,7 +21,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 
@@ -113,6 +119,7 @@ class ShardReader(StorageReader):
         self._store: ObjectStore | None = None
         self._layout = Layout()
         self.manifest: Manifest | None = None
+        self.load_id = _new_id()  # DCP's StorageMeta.load_id: one per load
 
     @classmethod
     def _for_checkpoint(
@@ -135,6 +142,7 @@ class ShardReader(StorageReader):
             self.uri = os.fspath(checkpoint_id)
             self._store = None
         self.manifest = None
+        self.load_id = _new_id()
 
     def read_metadata(self, *args: Any) -> Metadata:
         # No **kwargs: DCP would then retry with rank=..., reading the manifest twice.
@@ -142,7 +150,11 @@ class ShardReader(StorageReader):
             self.manifest = read_manifest(self.store, self._layout)
             if not self._layout.prefix and any(s.home for s in self.manifest.streams):
                 self._open_parent()
-        return self.manifest.metadata
+        metadata = self.manifest.metadata
+        if metadata.storage_meta is None:  # written before shardckpt recorded it
+            metadata.storage_meta = StorageMeta(checkpoint_id=self.uri)
+        metadata.storage_meta.load_id = self.load_id  # as DCP's FileSystemReader does
+        return metadata
 
     def _open_parent(self) -> None:
         """An incremental checkpoint reuses its siblings' objects: read it through its
@@ -393,12 +405,23 @@ def check_state_dict(state_dict: dict[str, Any], metadata: Metadata, uri: str) -
         raise StateDictMismatchError(f"{uri} cannot fill this state dict: " + "; ".join(problems))
 
 
+# Unpickling a BytesIO only restores its buffer (no code runs), and DCP pickles BytesIO
+# values like any other: they load without ``trusted=True``.
+_SAFE_EXTRA = [io.BytesIO]
+
+
 def _check_safe_to_unpickle(data: bytes, fqn: str, uri: str) -> None:
-    """Refuse a non-tensor value whose pickle needs more than torch's safe allowlist."""
+    """Refuse a non-tensor value whose pickle needs more than torch's safe allowlist (plus
+    ``io.BytesIO``): DCP's planner unpickles it fully."""
     try:
-        torch.load(io.BytesIO(data), weights_only=True)
+        with torch.serialization.safe_globals(_SAFE_EXTRA):
+            torch.load(io.BytesIO(data), weights_only=True)
     except Exception as exc:
         raise ManifestError(
             f"{uri}: value {fqn!r} needs full unpickling, which can run code from the bucket; "
             f"pass trusted=True only for checkpoints you trust ({type(exc).__name__}: {str(exc)[:200]})"
         ) from None
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex

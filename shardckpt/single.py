@@ -1,6 +1,10 @@
 """One-process, whole-object save and load: a drop-in for ``torch.save`` / ``torch.load``
 to S3 (what people use s3torchconnector's ``S3Checkpoint`` for), with shardckpt's parallel
-uploads, atomic commit and checksums."""
+uploads, atomic commit and checksums.
+
+Errors are shardckpt's own (``except Exception`` catches them), never DCP's
+``CheckpointException`` (a BaseException) or its ``AssertionError`` for a missing manifest.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,11 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+from shardckpt.errors import CheckpointError, SaveFailedError, from_dcp
 from shardckpt.reader import ShardReader
 from shardckpt.writer import ShardWriter
 
@@ -27,9 +33,13 @@ def save(obj: Any, uri: str | os.PathLike[str], **options: Any) -> None:
         if isinstance(obj, dict) and all(isinstance(k, str) for k in obj) and obj
         else {_WRAPPED: obj}
     )
+    writer = ShardWriter(uri, **options)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, storage_writer=ShardWriter(uri, **options), no_dist=True)
+        try:
+            dcp.save(state, storage_writer=writer, no_dist=True)
+        except CheckpointException as exc:
+            raise from_dcp(exc, f"save to {writer.uri}", SaveFailedError)  # noqa: B904 (has its cause)
 
 
 def load(
@@ -39,16 +49,18 @@ def load(
     process). ``map_location`` moves every tensor to that device. Options as for
     :class:`ShardReader` (``trusted``, ``endpoint``, ...)."""
     state: dict[str, Any] = {}
+    reader = ShardReader(uri, **options)
+    reader.read_metadata()  # a missing or bad manifest: our error, not DCP's AssertionError
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         # dcp.load fills only keys the caller's dict already has; DCP's own consolidation
         # (format_utils.dcp_to_torch_save) uses this entry point to load everything.
-        _load_state_dict(
-            state,
-            storage_reader=ShardReader(uri, **options),
-            planner=_EmptyStateDictLoadPlanner(),
-            no_dist=True,
-        )
+        try:
+            _load_state_dict(
+                state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True
+            )
+        except CheckpointException as exc:
+            raise from_dcp(exc, f"load of {reader.uri}", CheckpointError)  # noqa: B904 (has its cause)
     if map_location is not None:
         state = _move(state, torch.device(map_location))
     return state[_WRAPPED] if set(state) == {_WRAPPED} else state

@@ -220,27 +220,70 @@ def _deepcopy(path: Path, value: Any) -> Any:
         ) from exc
 
 
+class _Staged(dict):  # type: ignore[type-arg]
+    """A staged state dict: a dict that can be watched (``weakref.finalize``) until DCP
+    drops it, which is when its upload no longer reads the buffers behind it."""
+
+
 class PinnedStager(AsyncStager):
     """DCP ``AsyncStager`` on top of :class:`HostStaging`, for
     ``dcp.async_save(sd, storage_writer=ShardWriter(...), async_stager=PinnedStager())``.
 
-    Buffers are reused by the next ``stage``: wait for the previous ``async_save``'s future
-    before starting the next one (the :class:`~shardckpt.Checkpointer` does this for you).
+    Keeps a pool of buffer sets. A set is busy from ``stage`` until DCP drops the staged dict
+    (its upload has finished); a ``stage`` while every set is busy (an ``async_save`` started
+    before the previous one finished) gets a new set rather than overwriting bytes an upload
+    still reads, and says so at INFO. It never waits for a set: a failed upload's traceback
+    may keep its staged dict alive for as long as the caller keeps the error.
     """
 
     _synchronize_after_execute = False
 
     def __init__(self, *, pin_memory: bool | None = None) -> None:
-        self.staging = HostStaging(pin_memory=pin_memory)
+        self._pin_memory = pin_memory
+        self._lock = threading.Lock()
+        self._sets: list[HostStaging] = [HostStaging(pin_memory=pin_memory)]
+        self._busy: set[int] = set()
+
+    @property
+    def staging(self) -> HostStaging:
+        """The first buffer set (the only one unless saves overlapped)."""
+        return self._sets[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory held by all buffer sets, in bytes."""
+        return sum(s.nbytes for s in self._sets)
 
     def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        return self.staging.snapshot(state_dict)
+        with self._lock:
+            index = next((i for i in range(len(self._sets)) if i not in self._busy), None)
+            if index is None:
+                index = len(self._sets)
+                self._sets.append(HostStaging(pin_memory=self._pin_memory))
+                logger.info(
+                    "staging: all %d buffer sets are still read by uploads in flight; "
+                    "allocating another (wait for the previous async_save to reuse one)",
+                    index,
+                )
+            self._busy.add(index)
+        try:
+            staged = _Staged(self._sets[index].snapshot(state_dict))
+        except BaseException:
+            self._release(index)
+            raise
+        weakref.finalize(staged, self._release, index)
+        return staged
+
+    def _release(self, index: int) -> None:
+        with self._lock:
+            self._busy.discard(index)
 
     def synchronize_staging(self) -> None:
         """Nothing to do: :meth:`stage` returns after the copies are complete."""
 
     def close(self) -> None:
-        self.staging.close()
+        for staging in self._sets:
+            staging.close()
 
 
 def _copy_all(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

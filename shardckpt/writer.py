@@ -211,7 +211,13 @@ class ShardWriter(StorageWriter):
         future.set_result([WriteResult(MetadataIndex(f"{_REPORT_FQN}.{self.rank}"), 0, report)])
         return future
 
+    @property
+    def save_id(self) -> str:
+        """DCP's ``StorageMeta.save_id`` of this save (the coordinator's attempt id)."""
+        return self.attempt
+
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        metadata.storage_meta = self.storage_meta()  # as DCP's FileSystemWriter does
         manifest = build_manifest(metadata, results, dict(self._attributes))
         commit(self.store, self._layout, manifest, overwrite=self.options.overwrite)
         self.last_manifest = manifest
@@ -360,7 +366,9 @@ def build_manifest(
 
 
 def commit(store: ObjectStore, layout: Layout, manifest: Manifest, *, overwrite: bool) -> None:
-    """Write the manifest: the commit point. Conditional unless ``overwrite``."""
+    """Write the manifest: the commit point. Conditional unless ``overwrite``. First check
+    that every object it names is there (see :func:`check_objects_exist`)."""
+    check_objects_exist(store, layout, manifest)
     key = layout.manifest_key
     data = manifest.to_json()
     try:
@@ -383,6 +391,34 @@ def commit(store: ObjectStore, layout: Layout, manifest: Manifest, *, overwrite:
         len(manifest.objects),
         manifest.total_bytes,
     )
+
+
+def check_objects_exist(store: ObjectStore, layout: Layout, manifest: Manifest) -> None:
+    """Raise :class:`SaveFailedError` naming the key unless every object ``manifest`` names
+    exists with its size. gc deletes unreferenced data older than its grace period, so the
+    data of a save that outlasts it may be gone; the manifest must never name deleted data.
+    One LIST for the checkpoint's own objects, a HEAD for each object of a sibling
+    checkpoint that an incremental save reuses."""
+    own = {o.key: o.size for o in store.list(layout.data_prefix)}
+
+    def size(key: str, home: str) -> int | None:
+        if not home:
+            return own.get(key)
+        info = store.head(key)
+        return None if info is None else info.size
+
+    wanted = [
+        (layout.resolve(o.key, s.home), s.home, o.size) for s in manifest.streams for o in s.objects
+    ]
+    with ThreadPoolExecutor(8, thread_name_prefix="shardckpt-check") as pool:
+        found = list(pool.map(lambda w: size(w[0], w[1]), wanted))
+    for (key, _, expected), got in zip(wanted, found, strict=True):
+        if got != expected:
+            state = "is missing" if got is None else f"has {got} bytes, not {expected}"
+            raise SaveFailedError(
+                f"{store.uri(key)} {state} at commit time (deleted by gc while the save ran "
+                "longer than its grace period?); no manifest was written"
+            )
 
 
 def _stored_manifest(store: ObjectStore, key: str) -> bytes | None:

@@ -55,10 +55,13 @@ def make_target(name: str, request: pytest.FixtureRequest, tmp_path) -> Target: 
     server_name, transport = name.split("-")
     server: LocalS3Server = request.getfixturevalue(server_name)
     server.create_bucket(bucket)
+    options: dict[str, object] = {"endpoint": server.endpoint, "transport": transport}
+    if server_name == "rclone":  # it ignores If-None-Match: commits are refused without this
+        options["unsafe_unconditional_commit"] = True
     return Target(
         name,
         f"s3://{bucket}/root",
-        {"endpoint": server.endpoint, "transport": transport},
+        options,
         conditional_put=server_name != "rclone",
         crt_upload=server_name != "rclone",
     )

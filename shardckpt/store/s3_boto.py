@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ from shardckpt.errors import (
     AccessDeniedError,
     BucketNotFoundError,
     ChecksumMismatchError,
+    ConditionalPutUnsupportedError,
     EndpointUnreachableError,
     ObjectExistsError,
     ObjectNotFoundError,
@@ -78,6 +80,9 @@ _LOADER = botocore.loaders.create_loader()
 _SESSIONS_LOCK = threading.Lock()
 # Bytes per socket read into a destination view: bounds any temporary the HTTP stack makes.
 _READ_CHUNK = 8 << 20
+# Whether the server at (endpoint, bucket) honours If-None-Match, probed once per process.
+_HONOURS_IF_NONE_MATCH: dict[tuple[str | None, str], bool] = {}
+_PROBE_LOCK = threading.Lock()
 
 
 def _session(profile: str | None) -> boto3.session.Session:
@@ -213,6 +218,8 @@ class BotoS3Store:
         views = as_byte_views(data)
         size = total_size(views)
         self.stats.add(bytes_put=size)
+        if if_absent:
+            self._check_if_none_match(key)
         if size <= self.config.multipart_threshold or if_absent:
             extra = {"IfNoneMatch": "*"} if if_absent else {}
             self._call(
@@ -228,6 +235,54 @@ class BotoS3Store:
             )
             return
         self._put_multipart(key, views, size)
+
+    def _check_if_none_match(self, key: str) -> None:
+        """Refuse a conditional put to a server that ignores ``If-None-Match`` (unless
+        ``unsafe_unconditional_commit``): there, a commit could silently replace another's."""
+        where = (self._endpoint, self.bucket)
+        with _PROBE_LOCK:  # one probe per endpoint and bucket in the process
+            honoured = _HONOURS_IF_NONE_MATCH.get(where)
+            if honoured is None:
+                honoured = _HONOURS_IF_NONE_MATCH[where] = self._probe_if_none_match()
+        if honoured:
+            return
+        server = f"the S3 endpoint {self._endpoint or 'of AWS'} (bucket {self.bucket})"
+        if not self.config.unsafe_unconditional_commit:
+            raise ConditionalPutUnsupportedError(
+                f"{server} ignores If-None-Match, so two writers of {self.uri(key)} could both "
+                "commit and the last would silently win; refusing to commit. Use a server that "
+                "honours conditional puts, or pass unsafe_unconditional_commit=True to accept the risk",
+                self.uri(key),
+            )
+        logger.warning(
+            "%s ignores If-None-Match: committing %s unconditionally "
+            "(unsafe_unconditional_commit=True); a concurrent writer would silently win",
+            server,
+            self.uri(key),
+        )
+
+    def _probe_if_none_match(self) -> bool:
+        """Put a fresh probe object twice with ``If-None-Match: *``, then delete it: whether
+        the server refused the second put."""
+        key = f".shardckpt-probe-{uuid.uuid4().hex}"
+
+        def put() -> None:
+            self._call(
+                "PUT",
+                self.uri(key),
+                lambda: self._client.put_object(
+                    Bucket=self.bucket, Key=self._key(key), Body=b"", IfNoneMatch="*"
+                ),
+            )
+
+        put()
+        try:
+            put()
+            return False
+        except ObjectExistsError:
+            return True
+        finally:
+            self.delete([key])
 
     def _put_multipart(self, key: str, views: list[memoryview], size: int) -> None:
         uri, full = self.uri(key), self._key(key)

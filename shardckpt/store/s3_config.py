@@ -29,6 +29,10 @@ class S3Config:
     - ``multipart_threshold`` / ``part_size``: bytes; objects above the threshold are uploaded
       in parts of ``part_size``, grown as needed so no object needs more than 10,000 parts.
     - ``connect_timeout`` / ``read_timeout``: seconds per request.
+    - ``unsafe_unconditional_commit``: commit on a server that ignores ``If-None-Match``
+      (rclone's ``serve s3``), where two writers of one checkpoint can both "win" and the last
+      silently replaces the other's manifest; logged as a WARNING. Default False: such a
+      server is detected (a probe on the first conditional put to a bucket) and refused.
     """
 
     endpoint: str | None = None
@@ -41,6 +45,7 @@ class S3Config:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    unsafe_unconditional_commit: bool = False
 
     def __post_init__(self) -> None:
         if self.transport not in ("boto3", "crt"):

@@ -3,8 +3,14 @@ errors that surface, and DCP's async_save with our stager."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -17,6 +23,7 @@ from shardckpt import (
     Checkpointer,
     CheckpointExistsError,
     CheckpointNotFoundError,
+    ChecksumMismatchError,
     PinnedStager,
     SaveFailedError,
     ShardReader,
@@ -206,6 +213,61 @@ def test_dcp_async_save_with_pinned_stager(tmp_path) -> None:  # type: ignore[no
     assert not torch.equal(out["w"], torch.zeros(300, 7)) and out["n"]["epoch"] == 3
 
 
+class _GatedWriter(ShardWriter):
+    """A writer whose upload waits for ``gate``: its save stays in flight until then."""
+
+    def __init__(self, uri: str, gate: threading.Event, **options: Any) -> None:
+        super().__init__(uri, **options)
+        self.gate = gate
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        assert self.gate.wait(60), "the test never opened the gate"
+        return super().write_data(plan, planner)
+
+
+@pytest.mark.parametrize("backend", ["local", "moto-boto3"])
+def test_pinned_stager_never_overwrites_an_upload_in_flight(
+    backend: str, request: pytest.FixtureRequest, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    """A second async_save through the same stager while the first still uploads: each
+    checkpoint holds its own values (before: the first held the second's, CRCs and all)."""
+    import logging
+
+    target = make_target(backend, request, tmp_path)
+    uris = [f"{target.uri}/{name}" for name in ("a", "b", "c")]
+    stager, gate = PinnedStager(), threading.Event()
+    state = {"w": torch.full((1 << 16,), 1.0), "n": {"step": 1}}
+    first = dcp.async_save(
+        state, storage_writer=_GatedWriter(uris[0], gate, **target.options), async_stager=stager
+    )
+    state["w"].fill_(2.0)
+    state["n"]["step"] = 2
+    with caplog.at_level(logging.INFO, logger="shardckpt.staging"):
+        second = dcp.async_save(
+            state, storage_writer=ShardWriter(uris[1], **target.options), async_stager=stager
+        )
+        second.result()
+    assert not first.done(), "the first upload must still be in flight"
+    gate.set()
+    first.result()
+    for uri, value in zip(uris, (1.0, 2.0), strict=False):
+        out = {"w": torch.zeros(1 << 16), "n": {"step": 0}}
+        dcp.load(out, storage_reader=ShardReader(uri, **target.options))
+        assert torch.equal(out["w"], torch.full((1 << 16,), value)), uri
+        assert out["n"]["step"] == value, uri
+    assert "allocating another" in caplog.text
+    # Both uploads are done: their sets are free again (DCP drops the staged dicts just
+    # after the futures complete), so the next save reuses one instead of growing.
+    deadline = time.monotonic() + 10
+    while stager._busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    dcp.async_save(
+        state, storage_writer=ShardWriter(uris[2], **target.options), async_stager=stager
+    ).result()
+    assert len(stager._sets) == 2
+    stager.close()
+
+
 def test_runs_without_a_process_group() -> None:
     assert not dist.is_initialized()
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
@@ -296,3 +358,109 @@ def test_error_raised_by_the_handle_is_not_raised_again(tmp_path) -> None:  # ty
     ck.save(2, {"w": torch.ones(3)}).wait()
     ck.close()
     assert Checkpointer(root).steps() == [2]
+
+
+@pytest.mark.parametrize("backend", ["local", "moto-boto3"])
+def test_a_failed_save_leaves_its_step_free(
+    backend: str, request: pytest.FixtureRequest, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """After an outage fails save(5), save(5) again is a save, not CheckpointExistsError."""
+    from shardckpt.store import RetryPolicy
+    from tests.reliability.fault_proxy import FaultProxy, Rule, on
+
+    target = make_target(backend, request, tmp_path)
+    with contextlib.ExitStack() as stack:
+        options = dict(target.options)
+        if backend == "local":
+            blocker = tmp_path / "store" / "step-0000000005"
+
+            def outage(on_: bool) -> None:
+                blocker.parent.mkdir(parents=True, exist_ok=True)
+                if on_:
+                    blocker.write_text("a file where the checkpoint's folder must go")
+                else:
+                    blocker.unlink()
+        else:
+            proxy = stack.enter_context(FaultProxy(str(options["endpoint"])))
+            options["endpoint"] = proxy.endpoint
+            options["retry"] = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.02)
+
+            def outage(on_: bool) -> None:
+                proxy.set_rules([Rule("slowdown", match=on("PUT"))] if on_ else [])
+
+        ck = stack.enter_context(Checkpointer(target.uri, **options))
+        outage(True)
+        with pytest.raises(SaveFailedError, match="step 5"):
+            ck.save(5, {"w": torch.ones(3)}).wait()
+        assert ck.steps() == []
+        outage(False)
+        ck.save(5, {"w": torch.full((3,), 5.0)}).wait()
+        assert ck.steps() == [5]
+        out = {"w": torch.zeros(3)}
+        assert ck.load(out) == 5 and torch.equal(out["w"], torch.full((3,), 5.0))
+        with pytest.raises(CheckpointExistsError, match="step-0000000005"):
+            ck.save(5, {"w": torch.ones(3)})  # now it was saved
+
+
+def test_sigterm_handler_chains_to_the_previous_one_and_close_restores_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    received: list[int] = []
+
+    def previous(signum: int, frame: Any) -> None:
+        received.append(signum)
+
+    original = signal.signal(signal.SIGTERM, previous)
+    try:
+        ck = Checkpointer(tmp_path / "run")
+        ck.install_sigterm_handler()
+        assert signal.getsignal(signal.SIGTERM) is not previous
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.01)  # the handlers run in the main thread between bytecodes
+        assert ck.preempted() and received == [signal.SIGTERM]
+        ck.close()
+        assert signal.getsignal(signal.SIGTERM) is previous
+    finally:
+        signal.signal(signal.SIGTERM, original)
+
+
+def test_sigterm_with_the_default_handler_before_only_notes_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SIG_DFL before: SIGTERM is noted (the process lives on), and close restores SIG_DFL."""
+    code = f"""
+import os, signal, torch
+from shardckpt import Checkpointer
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+ck = Checkpointer({str(tmp_path / "run")!r})
+ck.install_sigterm_handler()
+os.kill(os.getpid(), signal.SIGTERM)
+assert ck.preempted()
+ck.close()
+assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+print("alive")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "alive" in done.stdout, done.stderr
+
+
+def _load_corrupt_on_two_ranks(rank: int, world_size: int, root: str) -> str:
+    with Checkpointer(root) as ck:
+        try:
+            ck.load({"w": torch.zeros(1 << 16)})
+        except ChecksumMismatchError as exc:  # ours, and catchable by except Exception
+            return str(exc)
+    return "loaded"
+
+
+@pytest.mark.slow
+def test_load_failing_on_every_rank_names_each_rank(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "run"
+    with Checkpointer(root) as ck:
+        ck.save(1, {"w": torch.arange(float(1 << 16))}).wait()
+    (data,) = [p for p in root.rglob("rank*") if p.is_file()]
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    messages = run_ranks(_load_corrupt_on_two_ranks, 2, str(root))
+    for message in messages:
+        assert "rank 0: ChecksumMismatchError" in message, message
+        assert "rank 1: ChecksumMismatchError" in message, message

@@ -104,6 +104,23 @@ def test_cp_copies_committed_checkpoints_manifest_last(
     assert "already exists" in capsys.readouterr().err
 
 
+def test_cp_checks_every_object_and_commits_nothing_damaged(
+    root: Target, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    store = open_store(root.uri, **root.options)
+    key = next(o.key for o in store.list("step-0000000020/") if "rank0" in o.key)
+    data = bytearray(store.get(key))
+    data[100] ^= 0xFF  # same size, other bytes
+    store.put(key, [bytes(data)])
+    dst = str(tmp_path / "copy")
+    assert main(["cp", root.uri, dst, *_args(root)]) == 1
+    err = capsys.readouterr().err
+    assert store.uri(key) in err and "does not match its manifest" in err and "CRC32C" in err
+    assert not os.path.exists(os.path.join(dst, "step-0000000020", "manifest.json"))
+    with Checkpointer(dst) as ck:
+        assert 20 not in ck.steps()
+
+
 def test_errors_exit_1_with_the_uri(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
     missing = str(tmp_path / "nothing")
     assert main(["inspect", missing]) == 1

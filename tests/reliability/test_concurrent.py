@@ -8,16 +8,20 @@ the manifest itself; in the other half they race freely from the start.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
-from shardckpt import ShardReader
+from shardckpt import ShardReader, ShardWriter
 from shardckpt.devserver import LocalS3Server
+from shardckpt.errors import ConditionalPutUnsupportedError
 from shardckpt.gc import collect_garbage
-from shardckpt.layout import Layout
+from shardckpt.layout import MANIFEST_NAME, Layout
 from shardckpt.reader import read_manifest
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.verify import verify_checkpoint
@@ -79,3 +83,51 @@ def test_two_jobs_commit_the_same_checkpoint(
         store.close()
     print(f"\n{len(rounds)} rounds, {at_commit} decided by the conditional put of the manifest")
     assert at_commit >= len(rounds) // 2
+
+
+def test_a_server_ignoring_if_none_match_is_refused_unless_accepted(
+    rclone: LocalS3Server, moto: LocalS3Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """rclone's serve s3 ignores If-None-Match, so there the last writer would silently win:
+    the commit is refused, naming the endpoint, unless the risk is accepted (a WARNING).
+    Servers that honour it (moto) and the local store commit as before, without a warning."""
+    state = {"w": torch.arange(10.0)}
+    bucket = f"noinm-{uuid.uuid4().hex[:10]}"
+    rclone.create_bucket(bucket)
+    uri = f"s3://{bucket}/ckpt"
+    with pytest.raises(CheckpointException) as info:
+        dcp.save(state, storage_writer=ShardWriter(uri, endpoint=rclone.endpoint))
+    (err,) = [e for e, _ in info.value.failures.values()]
+    assert isinstance(err, ConditionalPutUnsupportedError), err
+    assert rclone.endpoint in str(err) and "If-None-Match" in str(err)
+    assert "unsafe_unconditional_commit=True" in str(err)
+    store = open_store(uri, endpoint=rclone.endpoint)
+    assert store.head(MANIFEST_NAME) is None, "refused: nothing committed"
+
+    accepted = f"s3://{bucket}/accepted"
+    with caplog.at_level(logging.WARNING, logger="shardckpt"):
+        dcp.save(
+            state,
+            storage_writer=ShardWriter(
+                accepted, endpoint=rclone.endpoint, unsafe_unconditional_commit=True
+            ),
+        )
+    assert any(
+        r.levelno == logging.WARNING and rclone.endpoint in r.getMessage() for r in caplog.records
+    )
+    out = {"w": torch.zeros(10)}
+    dcp.load(out, storage_reader=ShardReader(accepted, endpoint=rclone.endpoint))
+    assert torch.equal(out["w"], state["w"])
+
+    caplog.clear()
+    moto_bucket = f"inm-{uuid.uuid4().hex[:10]}"
+    moto.create_bucket(moto_bucket)
+    with caplog.at_level(logging.WARNING, logger="shardckpt"):
+        for where, options in (
+            (f"s3://{moto_bucket}/ckpt", {"endpoint": moto.endpoint}),
+            (str(tmp_path / "ckpt"), {}),
+        ):
+            dcp.save(state, storage_writer=ShardWriter(where, **options))
+    assert not caplog.records
+    moto_store = open_store(f"s3://{moto_bucket}", endpoint=moto.endpoint)
+    assert [o.key for o in moto_store.list() if "probe" in o.key] == [], "the probe is deleted"

@@ -17,6 +17,7 @@ from shardckpt import (
     IncompleteCheckpointError,
     ManifestError,
     ObjectNotFoundError,
+    SaveFailedError,
     ShardReader,
     ShardWriter,
 )
@@ -196,3 +197,78 @@ def test_values_needing_full_unpickling_are_refused_unless_trusted(tmp_path) -> 
     state: dict[str, Any] = {"obj": None, "t": torch.zeros(2)}
     dcp.load(state, storage_reader=ShardReader(uri, trusted=True))
     assert state["obj"].x == 3
+
+
+@pytest.mark.parametrize("backend", ["local", "moto-boto3"])
+def test_single_save_and_load_raise_shardckpt_errors(
+    backend: str, request: pytest.FixtureRequest, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """shardckpt.save / load raise our types (caught by ``except Exception``), never DCP's
+    CheckpointException (a BaseException) or its AssertionError for a missing manifest."""
+    import shardckpt
+
+    target = make_target(backend, request, tmp_path)
+    missing = f"{target.uri}/nothing"
+    try:
+        shardckpt.load(missing, **target.options)
+        raise AssertionError("loaded a missing checkpoint")
+    except Exception as exc:
+        assert isinstance(exc, CheckpointNotFoundError) and missing in str(exc), repr(exc)
+    uri = f"{target.uri}/ckpt"
+    shardckpt.save({"w": torch.ones(3)}, uri, **target.options)
+    try:
+        shardckpt.save({"w": torch.zeros(3)}, uri, **target.options)
+        raise AssertionError("saved over a checkpoint")
+    except Exception as exc:
+        assert isinstance(exc, CheckpointExistsError) and f"{uri}/manifest.json" in str(exc)
+    assert torch.equal(shardckpt.load(uri, **target.options)["w"], torch.ones(3))
+
+
+@pytest.mark.parametrize("backend", ["local", "moto-boto3"])
+def test_storage_meta_as_dcp_records_it(
+    backend: str, request: pytest.FixtureRequest, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """PyTorch's test_compatibility.py::test_storage_meta with our writer and reader, and a
+    BytesIO value (DCP pickles it; unpickling restores only its bytes) loads untrusted."""
+    import io
+
+    target = make_target(backend, request, tmp_path)
+    uri = f"{target.uri}/ckpt"
+    writer = ShardWriter(uri, **target.options)
+    dcp.save({"a": torch.zeros(4, 4), "raw": io.BytesIO(b"\x00raw bytes")}, storage_writer=writer)
+    reader = ShardReader(uri, **target.options)
+    storage_meta = reader.read_metadata().storage_meta
+    assert storage_meta is not None
+    assert str(storage_meta.checkpoint_id) == uri
+    assert storage_meta.save_id == writer.save_id
+    assert storage_meta.load_id == reader.load_id
+    out: dict[str, Any] = {"a": torch.ones(4, 4), "raw": io.BytesIO()}
+    dcp.load(out, storage_reader=ShardReader(uri, **target.options))
+    assert torch.equal(out["a"], torch.zeros(4, 4)) and out["raw"].getvalue() == b"\x00raw bytes"
+
+
+class _DeleteBeforeCommit(ShardWriter):
+    """A writer whose data object is deleted (as gc would) between upload and commit."""
+
+    def finish(self, metadata: Any, results: Any) -> None:
+        keys = [o.key for o in self.store.list() if "rank0-" in o.key]
+        self.store.delete(keys[:1])
+        self.deleted = self.store.uri(keys[0])
+        super().finish(metadata, results)
+
+
+@pytest.mark.parametrize("backend", ["local", "moto-boto3"])
+def test_commit_refuses_a_manifest_naming_deleted_data(
+    backend: str, request: pytest.FixtureRequest, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    target = make_target(backend, request, tmp_path)
+    uri = f"{target.uri}/ckpt"
+    writer = _DeleteBeforeCommit(uri, object_size=1 << 20, **target.options)
+    with pytest.raises(CheckpointException) as info:
+        dcp.save(make_state(1, 1), storage_writer=writer)
+    err = _cause(info.value)
+    assert isinstance(err, SaveFailedError) and writer.deleted in str(err), err
+    assert "is missing at commit time" in str(err)
+    assert writer.store.head(MANIFEST_NAME) is None, "nothing committed"
+    with pytest.raises((IncompleteCheckpointError, CheckpointNotFoundError)):
+        ShardReader(uri, **target.options).read_metadata()
