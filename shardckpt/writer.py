@@ -159,15 +159,13 @@ class ShardWriter(StorageWriter):
             )
         )
         self.attempt = new_attempt_id()
-        if (
-            is_coordinator
-            and not self.options.overwrite
-            and self.store.head(self._layout.manifest_key) is not None
-        ):
+        if is_coordinator and not self.options.overwrite:
             # Fail before any rank uploads gigabytes; finish() re-checks atomically.
-            raise CheckpointExistsError(
-                f"{self.store.uri(self._layout.manifest_key)} already exists; pass overwrite=True to replace it"
-            )
+            self.store.check_conditional_put()
+            if self.store.head(self._layout.manifest_key) is not None:
+                raise CheckpointExistsError(
+                    f"{self.store.uri(self._layout.manifest_key)} already exists; pass overwrite=True to replace it"
+                )
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         return plan

@@ -89,6 +89,13 @@ class ObjectStore(Protocol):
         key already exists (an atomic check on S3 via ``If-None-Match: *``)."""
         ...
 
+    def check_conditional_put(self) -> None:
+        """Raise ``ConditionalPutUnsupportedError`` if ``put(..., if_absent=True)`` would not
+        be atomic here (an S3 server that ignores ``If-None-Match``), unless the store was
+        opened accepting that risk. Writers call it before uploading, so a save that could
+        not commit safely fails before its first byte goes up."""
+        ...
+
     def get_into(self, key: str, offset: int, views: Sequence[memoryview]) -> None:
         """Read ``sum(len(v))`` bytes of ``key`` from ``offset`` into ``views``, in order.
         Raises ``ObjectNotFoundError`` or ``ChecksumMismatchError`` if the object is short."""

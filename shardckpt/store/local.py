@@ -174,6 +174,9 @@ class LocalStore:
     def abort_upload(self, upload: PendingUpload) -> None:
         self.delete([upload.upload_id])
 
+    def check_conditional_put(self) -> None:
+        """Always atomic here: the commit is a ``link(2)``, which fails if the name exists."""
+
     def close(self) -> None:
         pass
 

@@ -163,6 +163,7 @@ class BotoS3Store:
         self.prefix = prefix.strip("/")
         self.config = config
         self._endpoint = config.resolved_endpoint()
+        self._warned_unconditional = False  # the unsafe_unconditional_commit WARNING, once
         with _SESSIONS_LOCK:  # creating clients from one session is not thread-safe
             self._client = _session(config.profile).client(
                 "s3",
@@ -219,7 +220,7 @@ class BotoS3Store:
         size = total_size(views)
         self.stats.add(bytes_put=size)
         if if_absent:
-            self._check_if_none_match(key)
+            self.check_conditional_put()
         if size <= self.config.multipart_threshold or if_absent:
             extra = {"IfNoneMatch": "*"} if if_absent else {}
             self._call(
@@ -236,7 +237,7 @@ class BotoS3Store:
             return
         self._put_multipart(key, views, size)
 
-    def _check_if_none_match(self, key: str) -> None:
+    def check_conditional_put(self) -> None:
         """Refuse a conditional put to a server that ignores ``If-None-Match`` (unless
         ``unsafe_unconditional_commit``): there, a commit could silently replace another's."""
         where = (self._endpoint, self.bucket)
@@ -249,16 +250,20 @@ class BotoS3Store:
         server = f"the S3 endpoint {self._endpoint or 'of AWS'} (bucket {self.bucket})"
         if not self.config.unsafe_unconditional_commit:
             raise ConditionalPutUnsupportedError(
-                f"{server} ignores If-None-Match, so two writers of {self.uri(key)} could both "
-                "commit and the last would silently win; refusing to commit. Use a server that "
-                "honours conditional puts, or pass unsafe_unconditional_commit=True to accept the risk",
-                self.uri(key),
+                f"{server} ignores If-None-Match, so two writers of a checkpoint under "
+                f"{self.uri()} could both commit and the last would silently win; refusing to "
+                "save. Use a server that honours conditional puts, or pass "
+                "unsafe_unconditional_commit=True to accept the risk",
+                self.uri(),
             )
+        if self._warned_unconditional:
+            return
+        self._warned_unconditional = True
         logger.warning(
-            "%s ignores If-None-Match: committing %s unconditionally "
+            "%s ignores If-None-Match: committing under %s unconditionally "
             "(unsafe_unconditional_commit=True); a concurrent writer would silently win",
             server,
-            self.uri(key),
+            self.uri(),
         )
 
     def _probe_if_none_match(self) -> bool:

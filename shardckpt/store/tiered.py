@@ -72,6 +72,9 @@ class TieredStore:
     def abort_upload(self, upload: PendingUpload) -> None:
         self.durable.abort_upload(upload)
 
+    def check_conditional_put(self) -> None:
+        self.durable.check_conditional_put()  # commits go to the durable store alone
+
     def close(self) -> None:
         self.durable.close()
         self.fast.close()
