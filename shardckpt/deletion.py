@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from shardckpt.catalog import CheckpointEntry, find_checkpoints
 from shardckpt.errors import CheckpointNotFoundError, IncompleteCheckpointError, ManifestError
-from shardckpt.layout import DCP_MARKER, Layout, is_temp_key
+from shardckpt.layout import DCP_MARKER, Layout, is_own_key, is_temp_key
 from shardckpt.manifest import Manifest
 from shardckpt.reader import read_manifest
 from shardckpt.store.base import ObjectInfo, ObjectStore, PendingUpload
@@ -95,14 +95,14 @@ def retire_checkpoints(store: ObjectStore, layouts: list[Layout]) -> set[str]:
 
 
 def stale_uploads(
-    store: ObjectStore, layouts: list[Layout], cutoff: float, *, dry_run: bool = False
+    store: ObjectStore, cutoff: float, *, dry_run: bool = False
 ) -> tuple[list[PendingUpload], list[PendingUpload]]:
-    """Abort the unfinished uploads of our own keys (a data object or manifest of one of
-    ``layouts``; on the local store, our temporary files, whose id is their key) started
-    before ``cutoff``. Returns (aborted, held back as too young)."""
+    """Abort the unfinished uploads of our own keys (``is_own_key``: a crashed save may leave
+    nothing else, so no checkpoint need be listed; on the local store, our temporary files,
+    whose id is their key) started before ``cutoff``. Returns (aborted, held back)."""
     aborted, held_back = [], []
     for upload in store.list_pending_uploads(""):
-        if is_temp_key(upload.upload_id) or any(layout.owns(upload.key) for layout in layouts):
+        if is_temp_key(upload.upload_id) or is_own_key(upload.key):
             (aborted if upload.started < cutoff else held_back).append(upload)
     if not dry_run:
         for upload in aborted:

@@ -68,7 +68,7 @@ def collect_garbage(
         report.garbage_bytes += sum(o.size for o in found.deleted)
         report.held_back_objects += len(found.held_back)
         report.held_back_bytes += sum(o.size for o in found.held_back)
-    aborted, young = stale_uploads(store, [e.layout for e in entries], cutoff, dry_run=dry_run)
+    aborted, young = stale_uploads(store, cutoff, dry_run=dry_run)
     report.aborted_uploads += [store.uri(u.key) for u in aborted]
     report.held_back_uploads = len(young)
     logger.info(

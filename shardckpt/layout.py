@@ -36,6 +36,13 @@ _DATA_NAME = re.compile(
 _TEMP_NAME = re.compile(rf"(?:.*/)?\..+{re.escape(_TMP_MARK)}[0-9a-f]{{32}}")
 
 
+def is_own_key(key: str) -> bool:
+    """Whether ``key`` is a name shardckpt's layout produces for a checkpoint at one of its
+    prefixes (its manifest or a data object), whatever else is under it."""
+    parts = key.split("/")
+    return any(Layout("/".join(parts[:i])).owns(key) for i in range(len(parts)))
+
+
 def is_temp_key(key: str) -> bool:
     """Whether ``key`` is a temporary file of the local store (an interrupted put)."""
     return _TEMP_NAME.fullmatch(key) is not None

@@ -24,7 +24,7 @@ from shardckpt import Checkpointer
 from shardckpt.catalog import step_name
 from shardckpt.gc import collect_garbage
 from shardckpt.integrations.lightning import ShardckptCheckpointIO
-from shardckpt.layout import Layout
+from shardckpt.layout import Layout, is_own_key
 from shardckpt.mirror import Mirror
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.verify import verify_checkpoint
@@ -85,15 +85,10 @@ def _plan(
     planted: dict[str, bytes] = {}
     for index, name, content in drawn:
         key = _in(folders, index, name)
-        if store.head(key) is not None or (not own_names and _ours(key)):
+        if store.head(key) is not None or (not own_names and is_own_key(key)):
             continue
         planted[key] = ours[content % len(ours)] if isinstance(content, int) else content
     return {k: v for k, v in planted.items() if not any(o.startswith(k + "/") for o in planted)}
-
-
-def _ours(key: str) -> bool:
-    parts = key.split("/")
-    return any(Layout("/".join(parts[:i])).owns(key) for i in range(len(parts)))
 
 
 @pytest.mark.parametrize("backend", ["local", "moto-boto3"])
@@ -139,7 +134,7 @@ def test_no_deleting_entry_point_deletes_a_foreign_key(
         ours = [
             store.get(o.key)
             for o in store.list(f"{CK}/")
-            if "/attempt-" in o.key and Layout(o.key.split("/")[1]).owns(o.key.split("/", 1)[1])
+            if is_own_key(o.key) and not o.key.endswith("/manifest.json")
         ]
         planted = _plan(store, drawn, ours, own_names=False)
         plant(store, planted)
