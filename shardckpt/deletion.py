@@ -123,25 +123,22 @@ def keys_in_use(store: ObjectStore, layout: Layout) -> set[str] | None:
 
 def delete_replaced(
     store: ObjectStore, layout: Layout, manifest: Manifest, replaced: set[str] | None
-) -> list[str]:
+) -> None:
     """After an overwrite of ``layout`` committed ``manifest``: delete the checkpoint's data
     that neither it nor the manifest it replaced (``replaced``, from :func:`keys_in_use`)
     references. A reader that read the replaced manifest can finish; the generation before
     it goes now (and leftovers of failed saves to the same path with it)."""
-    if replaced is None:
-        return []
-    keep = replaced | set(layout.object_keys(manifest.streams))
-    return [o.key for o in sweep(store, layout, keep).deleted]
+    if replaced is not None:
+        sweep(store, layout, replaced | set(layout.object_keys(manifest.streams)))
 
 
-def trim_local_copies(fast: ObjectStore, written: set[str], keep_prefix: str) -> list[str]:
-    """Delete the local copies this process put into ``fast`` (``written``, updated) outside
-    ``keep_prefix`` (the newest checkpoint). Another job's files in the same directory are
-    never in ``written``, whatever their names."""
-    gone = sorted(k for k in written if not k.startswith(keep_prefix))
-    fast.delete(gone)
-    written.difference_update(gone)
-    return gone
+def delete_local_copies(fast: ObjectStore, written: set[str], keys: Collection[str]) -> None:
+    """Delete the local copies among ``keys`` that this process put into ``fast``
+    (``written``, updated). Another job's files in the same directory are never in
+    ``written``, whatever their names."""
+    own = sorted(written.intersection(keys))
+    fast.delete(own)
+    written.difference_update(own)
 
 
 def delete_mirrored(store: ObjectStore, keys: Collection[str], owned: Collection[str]) -> list[str]:

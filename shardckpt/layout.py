@@ -33,7 +33,7 @@ DCP_MARKER = ".metadata"  # DCP's own commit point (FileSystemWriter; what `mirr
 _DATA_NAME = re.compile(
     rf"(?:[0-9a-f]{{3}}/)?{ATTEMPT_MARK}[0-9a-f]{{16}}/rank(?:0|[1-9][0-9]*)-(?:[0-9]{{6}}|[1-9][0-9]{{6,}})"
 )
-_TEMP_NAME = re.compile(rf"(?:.*/)?\..+{re.escape(_TMP_MARK)}[0-9a-f]{{32}}")
+_TEMP_NAME = re.compile(rf"(?:.*/)?\.[^/]+{re.escape(_TMP_MARK)}[0-9a-f]{{32}}")
 
 
 def is_own_key(key: str) -> bool:

@@ -16,7 +16,7 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 
-from shardckpt.deletion import trim_local_copies
+from shardckpt.deletion import delete_local_copies
 from shardckpt.errors import StoreError
 from shardckpt.store.base import Buffer, ObjectInfo, ObjectStore, PendingUpload
 from shardckpt.store.local import LocalStore
@@ -70,14 +70,13 @@ class TieredStore:
     def delete(self, keys: Sequence[str]) -> None:
         self.durable.delete(keys)
         with self._lock:
-            own = [k for k in keys if k in self._written]
-            self._written.difference_update(own)
-        self.fast.delete(own)
+            delete_local_copies(self.fast, self._written, keys)
 
     def keep_only(self, prefix: str) -> None:
         """Drop the local copies this process made outside ``prefix`` (the newest checkpoint)."""
         with self._lock:
-            trim_local_copies(self.fast, self._written, prefix)
+            outside = [k for k in self._written if not k.startswith(prefix)]
+            delete_local_copies(self.fast, self._written, outside)
 
     def list_pending_uploads(self, prefix: str = "") -> Iterator[PendingUpload]:
         return self.durable.list_pending_uploads(prefix)
