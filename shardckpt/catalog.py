@@ -2,14 +2,16 @@
 
 A root holds either one checkpoint (``manifest.json`` and attempts directly under it) or, as a
 :class:`~shardckpt.Checkpointer` writes them, one checkpoint per step (``step-0000000100/``).
-Discovery lists manifests only: a checkpoint without one does not exist for loaders.
+Discovery lists manifests only: a checkpoint without one does not exist for loaders. A folder
+holding DCP's own commit point (``.metadata``, e.g. uploaded by ``shardckpt mirror``) is a
+committed checkpoint too, but not shardckpt's: it is listed, and never collected.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shardckpt.layout import ATTEMPT_MARK, Layout
+from shardckpt.layout import ATTEMPT_MARK, DCP_MARKER, Layout
 from shardckpt.store import ObjectStore
 
 STEP_PREFIX = "step-"
@@ -28,15 +30,35 @@ def parse_step(name: str) -> int | None:
 class CheckpointEntry:
     """One checkpoint under a root: ``prefix`` is its key prefix ("" for the root itself),
     ``step`` its step (None outside a Checkpointer's layout), ``committed`` whether its
-    manifest exists."""
+    manifest (shardckpt's commit point) exists, ``dcp`` whether DCP's own ``.metadata``
+    commits it instead (a checkpoint shardckpt did not write: listed, never collected)."""
 
     prefix: str
     step: int | None
     committed: bool
+    dcp: bool = False
 
     @property
     def layout(self) -> Layout:
         return Layout(self.prefix)
+
+    def holds(self, key: str) -> bool:
+        """Whether ``key`` is part of this checkpoint: shardckpt's own names (a user's files
+        beside them are not), or for DCP every key under it (but nested steps)."""
+        if not self.dcp:
+            return self.layout.owns(key)
+        nested = self.prefix == "" and parse_step(key.split("/", 1)[0]) is not None
+        return key.startswith(self.layout.data_prefix) and not nested
+
+
+def _entry(store: ObjectStore, prefix: str, step: int | None) -> CheckpointEntry | None:
+    """The checkpoint at ``prefix`` if it has a commit point (ours, else DCP's), else None."""
+    layout = Layout(prefix)
+    if store.head(layout.manifest_key) is not None:
+        return CheckpointEntry(prefix, step, True)
+    if store.head(layout.key(DCP_MARKER)) is not None:
+        return CheckpointEntry(prefix, step, False, dcp=True)
+    return None
 
 
 def step_entries(store: ObjectStore) -> list[CheckpointEntry]:
@@ -44,31 +66,18 @@ def step_entries(store: ObjectStore) -> list[CheckpointEntry]:
     names = [n for n in store.list_prefixes("") if parse_step(n) is not None]
     entries = []
     for name in sorted(names, key=lambda n: parse_step(n) or 0):
-        committed = store.head(Layout(name).manifest_key) is not None
-        entries.append(CheckpointEntry(name, parse_step(name), committed))
+        step = parse_step(name)
+        entries.append(_entry(store, name, step) or CheckpointEntry(name, step, False))
     return entries
 
 
 def find_checkpoints(store: ObjectStore) -> list[CheckpointEntry]:
     """Every checkpoint under the root: the root itself if it is one, then its steps."""
-    entries = []
-    root = Layout("")
-    if store.head(root.manifest_key) is not None:
-        entries.append(CheckpointEntry("", None, True))
-    elif any(n.startswith(ATTEMPT_MARK) for n in store.list_prefixes("")):
-        entries.append(CheckpointEntry("", None, False))
-    return entries + step_entries(store)
+    root = _entry(store, "", None)
+    if root is None and any(n.startswith(ATTEMPT_MARK) for n in store.list_prefixes("")):
+        root = CheckpointEntry("", None, False)
+    return ([root] if root else []) + step_entries(store)
 
 
 def committed_steps(store: ObjectStore) -> list[int]:
     return [e.step for e in step_entries(store) if e.committed and e.step is not None]
-
-
-def delete_checkpoint(store: ObjectStore, layout: Layout) -> int:
-    """Delete one checkpoint: its manifest first (from then on it does not exist), then its
-    data, so a crash midway never leaves a manifest pointing at missing data. Returns the
-    number of data objects deleted."""
-    store.delete([layout.manifest_key])
-    keys = [o.key for o in store.list(layout.data_prefix) if o.key != layout.manifest_key]
-    store.delete(keys)
-    return len(keys)

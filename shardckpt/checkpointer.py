@@ -26,6 +26,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from shardckpt.catalog import committed_steps, step_name
+from shardckpt.deletion import retire_checkpoints
 from shardckpt.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -35,7 +36,7 @@ from shardckpt.errors import (
     first_cause,
     from_dcp,
 )
-from shardckpt.gc import GcReport, collect_garbage, retire_checkpoints
+from shardckpt.gc import GcReport, collect_garbage
 from shardckpt.incremental import ContentIndex
 from shardckpt.layout import Layout
 from shardckpt.planner import ShardSavePlanner
@@ -422,7 +423,10 @@ class Checkpointer:
 
     def gc(self, *, grace_s: float = 3600.0, dry_run: bool = False) -> GcReport | None:
         """Collect garbage under the root (rank 0 only; other ranks return None): data of
-        failed saves older than ``grace_s``, unfinished uploads, checkpoints beyond keep_last."""
+        failed saves older than ``grace_s``, unfinished uploads, checkpoints beyond keep_last.
+        Waits for the save in flight first (raising its error), so its data is never taken
+        for a failed save's, whatever the grace period."""
+        self.wait()
         if self.rank != 0:
             return None
         return collect_garbage(

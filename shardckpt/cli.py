@@ -103,18 +103,17 @@ def cmd_ls(args: argparse.Namespace) -> int:
     now = time.time()
     rows = []
     for entry in find_checkpoints(store):
-        if not entry.committed and not args.all:
+        if not (entry.committed or entry.dcp or args.all):
             continue
-        objects = list(store.list(entry.layout.data_prefix))
-        if entry.prefix == "":
-            objects = [o for o in objects if not o.key.startswith("step-")]
+        objects = [o for o in store.list(entry.layout.data_prefix) if entry.holds(o.key)]
         newest = max((o.mtime for o in objects), default=now)
         world = read_manifest(store, entry.layout).world_size if entry.committed else "-"
         rows.append(
             {
                 "uri": store.uri(entry.prefix),
                 "step": entry.step,
-                "status": "committed" if entry.committed else "incomplete",
+                "status": "committed" if entry.committed or entry.dcp else "incomplete",
+                "format": "dcp" if entry.dcp else "shardckpt",
                 "bytes": sum(o.size for o in objects),
                 "objects": len(objects),
                 "world_size": world,
@@ -125,12 +124,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     print(
-        f"{'STEP':>10}  {'STATUS':<10}  {'SIZE':>10}  {'OBJECTS':>7}  {'WORLD':>5}  {'AGE':>5}  URI"
+        f"{'STEP':>10}  {'STATUS':<10}  {'FORMAT':<9}  {'SIZE':>10}  {'OBJECTS':>7}  {'WORLD':>5}  {'AGE':>5}  URI"
     )
     for r in rows:
         step = "-" if r["step"] is None else r["step"]
         print(
-            f"{step:>10}  {r['status']:<10}  {_size(r['bytes']):>10}  {r['objects']:>7}  {r['world_size']:>5}  {_age(r['age_s']):>5}  {r['uri']}"
+            f"{step:>10}  {r['status']:<10}  {r['format']:<9}  {_size(r['bytes']):>10}  {r['objects']:>7}  {r['world_size']:>5}  {_age(r['age_s']):>5}  {r['uri']}"
         )
     return 0
 
@@ -183,6 +182,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
     print(
         f"{verb}: {len(report.retired_checkpoints)} checkpoints, {len(report.garbage_objects)} unreferenced objects "
         f"({_size(report.garbage_bytes)}), {len(report.aborted_uploads)} unfinished uploads"
+    )
+    print(
+        f"held back as younger than the grace period ({args.grace:g}s): {report.held_back_objects} "
+        f"unreferenced objects ({_size(report.held_back_bytes)}), {report.held_back_uploads} unfinished uploads"
     )
     return 0
 

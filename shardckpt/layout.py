@@ -14,15 +14,38 @@ the request load over partitions; readers need no listing, the manifest records 
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from shardckpt.errors import ManifestError
+from shardckpt.store.local import _TMP_MARK
 
 MANIFEST_NAME = "manifest.json"
 ATTEMPT_MARK = "attempt-"
+DCP_MARKER = ".metadata"  # DCP's own commit point (FileSystemWriter; what `mirror` uploads)
+
+# The exact names shardckpt writes, and so the only ones it may ever delete (deletion.py):
+# a data object's name relative to its checkpoint, as data_name makes it, and a temporary
+# file of the local store (".<name>.tmp-shardckpt-<uuid4 hex>", store/local.py).
+_DATA_NAME = re.compile(
+    rf"(?:[0-9a-f]{{3}}/)?{ATTEMPT_MARK}[0-9a-f]{{16}}/rank(?:0|[1-9][0-9]*)-(?:[0-9]{{6}}|[1-9][0-9]{{6,}})"
+)
+_TEMP_NAME = re.compile(rf"(?:.*/)?\.[^/]+{re.escape(_TMP_MARK)}[0-9a-f]{{32}}")
+
+
+def is_own_key(key: str) -> bool:
+    """Whether ``key`` is a name shardckpt's layout produces for a checkpoint at one of its
+    prefixes (its manifest or a data object), whatever else is under it."""
+    parts = key.split("/")
+    return any(Layout("/".join(parts[:i])).owns(key) for i in range(len(parts)))
+
+
+def is_temp_key(key: str) -> bool:
+    """Whether ``key`` is a temporary file of the local store (an interrupted put)."""
+    return _TEMP_NAME.fullmatch(key) is not None
 
 
 def new_attempt_id() -> str:
@@ -85,6 +108,15 @@ class Layout:
             )
         parent = self.prefix.rsplit("/", 1)[0] if "/" in self.prefix else ""
         return f"{parent}/{home}/{name}" if parent else f"{home}/{name}"
+
+    def owns(self, key: str) -> bool:
+        """Whether ``key`` is a name this checkpoint's layout produces: its manifest or one of
+        its data objects (``[<hash>/]attempt-<16 hex>/rank<r>-<seq>``). Nothing else under its
+        prefix (user files, look-alikes such as ``attempt-xyz/rank0-000000``) is shardckpt's."""
+        name = key.removeprefix(self.data_prefix)
+        if self.prefix and name == key:
+            return False
+        return name == MANIFEST_NAME or _DATA_NAME.fullmatch(name) is not None
 
     def object_keys(self, streams: Iterable[Any]) -> list[str]:
         """The store keys of every object of ``streams`` (a manifest's StreamRecords)."""

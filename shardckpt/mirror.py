@@ -31,8 +31,9 @@ mtime changed but whose bytes did not (same size and CRC32C) is not re-uploaded 
 a restart, a remote object of the same size that is not older than the local file (to the
 second) counts as uploaded (the mirror assumes it is the only writer of its remote prefix).
 With ``delete`` (default off) remote objects whose local file is gone are deleted, each
-``.metadata`` before the data it describes. Files are read whole into memory to upload them: memory is bounded by
-``num_threads`` times the largest file.
+``.metadata`` before the data it describes; only objects this mirror uploaded or adopted,
+never others found under the remote prefix (deletion.py). Files are read whole into memory
+to upload them: memory is bounded by ``num_threads`` times the largest file.
 """
 
 from __future__ import annotations
@@ -51,12 +52,13 @@ from typing import Any
 
 from shardckpt._bytes import crc32c
 from shardckpt._duration import duration
+from shardckpt.deletion import delete_mirrored
 from shardckpt.errors import InvalidURIError, ShardckptError
+from shardckpt.layout import DCP_MARKER
 from shardckpt.store import ObjectInfo, ObjectStore, open_store
 
 logger = logging.getLogger(__name__)
 
-DCP_MARKER = ".metadata"
 _DCP_IN_PROGRESS = ".metadata.tmp"
 _DCP_DATA_SUFFIX = ".distcp"
 _IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".lock", "~")
@@ -368,7 +370,8 @@ class Mirror:
             assert self._remote is not None
             if marker_key not in self._remote:
                 return
-            self.store.delete([marker_key])
+            # The unit's own marker: the mirror puts it back once the new data is up.
+            delete_mirrored(self.store, [marker_key], owned=[marker_key])
             del self._remote[marker_key]
             self._uploaded.pop(marker_key, None)
 
@@ -382,22 +385,21 @@ class Mirror:
             report.unchanged += 1
 
     def _delete_gone(self, present: set[str], report: SyncReport) -> None:
-        gone = sorted(self._remote_keys() - present)
-        markers = [k for k in gone if k.rsplit("/", 1)[-1] == DCP_MARKER]
-        for batch in (markers, [k for k in gone if k not in markers]):  # markers first
-            if not batch:
-                continue
-            try:
-                self.store.delete(batch)
-            except Exception as exc:
-                report.errors.append(f"{type(exc).__name__}: {exc}")
-                return
-            with self._state_lock:
-                for key in batch:
-                    assert self._remote is not None
-                    self._remote.pop(key, None)
-                    self._uploaded.pop(key, None)
-            report.deleted += batch
+        """Delete remote copies of files gone locally: only those this mirror uploaded or
+        adopted (``_uploaded``), never other objects under the remote prefix."""
+        with self._state_lock:
+            owned = set(self._uploaded)
+        try:
+            deleted = delete_mirrored(self.store, owned - present, owned)
+        except Exception as exc:  # the next pass deletes them again
+            report.errors.append(f"{type(exc).__name__}: {exc}")
+            return
+        with self._state_lock:
+            for key in deleted:
+                assert self._remote is not None
+                self._remote.pop(key, None)
+                self._uploaded.pop(key, None)
+        report.deleted += deleted
 
 
 # -- rules ------------------------------------------------------------------------------------

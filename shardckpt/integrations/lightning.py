@@ -70,7 +70,7 @@ from torch.distributed.checkpoint.default_planner import (
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
 
-from shardckpt.catalog import delete_checkpoint
+from shardckpt.deletion import delete_replaced, keys_in_use, retire_checkpoints
 from shardckpt.errors import (
     CheckpointError,
     InvalidURIError,
@@ -148,7 +148,8 @@ class ShardckptCheckpointIO(CheckpointIO):
       argument from Lightning (``trainer.fit(..., weights_only=...)``) takes precedence.
     - ``overwrite``: replace a checkpoint that already exists at the path (default True:
       Lightning rewrites ``last.ckpt`` and reuses names as ``torch.save`` would); the replaced
-      checkpoint's data is deleted once the new manifest is committed.
+      checkpoint's data is kept for one more generation (a reader that read its manifest
+      can finish) and deleted by the next overwrite of the same path.
     - ``pin_memory``: pin the host buffers (default: when CUDA is available).
     - Other options go to :class:`~shardckpt.writer.WriterOptions` (``object_size``,
       ``num_threads``, ``fanout``) and the store (``endpoint``, ``region``, ``profile``,
@@ -351,6 +352,7 @@ class ShardckptCheckpointIO(CheckpointIO):
     ) -> None:
         try:
             store = self._store(target.root)
+            replaced = keys_in_use(store, target.layout)
             writer = ShardWriter._for_checkpoint(
                 store, target.layout, target.uri, attributes, self.writer_options
             )
@@ -358,12 +360,7 @@ class ShardckptCheckpointIO(CheckpointIO):
                 state, storage_writer=writer, planner=DefaultSavePlanner(), no_dist=True
             )
             assert writer.last_manifest is not None
-            keep = set(target.layout.object_keys(writer.last_manifest.streams))
-            keep.add(target.layout.manifest_key)
-            # The data of the checkpoint this save replaced (overwrite), now unreferenced.
-            store.delete(
-                [o.key for o in store.list(target.layout.data_prefix) if o.key not in keep]
-            )
+            delete_replaced(store, target.layout, writer.last_manifest, replaced)
         except CheckpointException as exc:
             cause = next(iter(exc.failures.values()))[0]
             raise SaveFailedError(
@@ -381,12 +378,12 @@ class ShardckptCheckpointIO(CheckpointIO):
 
     def _remove(self, target: _Target) -> None:
         try:
-            count = delete_checkpoint(self._store(target.root), target.layout)
+            retire_checkpoints(self._store(target.root), [target.layout])
         except Exception as exc:
             raise CheckpointError(
                 f"could not remove the Lightning checkpoint {target.uri}: {type(exc).__name__}: {exc}"
             ) from exc
-        logger.debug("removed %s (%d data objects)", target.uri, count)
+        logger.debug("removed %s", target.uri)
 
     # -- paths ------------------------------------------------------------------------------
     def _target(self, path: Any) -> _Target:

@@ -5,13 +5,18 @@ which alone decides what exists. Reads of data come from the local copy when it 
 object, else from the durable store; the reader checks every byte's CRC32C either way. So a
 job restarted on the same node reads its own shards from local disk, while a job on another
 node (or with another world size) reads whatever it lacks from S3.
+
+The local directory may be shared (another job's checkpoints, a dataset), and names cannot
+tell whose a file is, so only files this process put there are ever deleted from it.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 
+from shardckpt.deletion import delete_local_copies
 from shardckpt.errors import StoreError
 from shardckpt.store.base import Buffer, ObjectInfo, ObjectStore, PendingUpload
 from shardckpt.store.local import LocalStore
@@ -26,6 +31,8 @@ class TieredStore:
         self.durable = durable
         self.fast = fast
         self.stats = durable.stats
+        self._written: set[str] = set()  # keys this process put into ``fast``
+        self._lock = threading.Lock()
 
     def uri(self, key: str = "") -> str:
         return self.durable.uri(key)
@@ -36,6 +43,8 @@ class TieredStore:
             return
         try:
             self.fast.put(key, data)
+            with self._lock:
+                self._written.add(key)
         except StoreError as exc:  # the local copy is an optimization; S3 has the data
             logger.warning("shardckpt: could not keep a local copy of %s: %s", key, exc)
 
@@ -60,11 +69,14 @@ class TieredStore:
 
     def delete(self, keys: Sequence[str]) -> None:
         self.durable.delete(keys)
-        self.fast.delete(keys)
+        with self._lock:
+            delete_local_copies(self.fast, self._written, keys)
 
     def keep_only(self, prefix: str) -> None:
-        """Drop local copies of everything outside ``prefix`` (the newest checkpoint)."""
-        self.fast.delete([o.key for o in self.fast.list("") if not o.key.startswith(prefix)])
+        """Drop the local copies this process made outside ``prefix`` (the newest checkpoint)."""
+        with self._lock:
+            outside = [k for k in self._written if not k.startswith(prefix)]
+            delete_local_copies(self.fast, self._written, outside)
 
     def list_pending_uploads(self, prefix: str = "") -> Iterator[PendingUpload]:
         return self.durable.list_pending_uploads(prefix)

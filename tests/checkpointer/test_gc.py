@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 
 import torch
 
@@ -26,14 +27,14 @@ def test_gc_removes_only_old_unreferenced_data(tmp_path) -> None:  # type: ignor
     store = open_store(str(root))
     # A crashed attempt inside committed step 2, an uncommitted step 4, a fresh in-progress
     # step 5, and a stale temporary file of an interrupted local put.
-    store.put("step-0000000002/attempt-dead/rank0-000000", [b"x" * 10])
-    store.put("step-0000000004/attempt-crashed/rank0-000000", [b"y" * 20])
-    store.put("step-0000000005/attempt-running/rank0-000000", [b"z" * 30])
-    stale_tmp = root / "step-0000000003" / ".rank9.tmp-shardckpt-0123"
+    store.put("step-0000000002/attempt-00000000000dead0/rank0-000000", [b"x" * 10])
+    store.put("step-0000000004/attempt-0000000c4a5bed00/rank0-000000", [b"y" * 20])
+    store.put("step-0000000005/attempt-000000004a4a4a4a/rank0-000000", [b"z" * 30])
+    stale_tmp = root / "step-0000000003" / f".rank9-000000.tmp-shardckpt-{uuid.uuid4().hex}"
     stale_tmp.write_bytes(b"partial")
     for key in (
-        "step-0000000002/attempt-dead/rank0-000000",
-        "step-0000000004/attempt-crashed/rank0-000000",
+        "step-0000000002/attempt-00000000000dead0/rank0-000000",
+        "step-0000000004/attempt-0000000c4a5bed00/rank0-000000",
     ):
         _age(str(root / key), 7200)
     _age(str(stale_tmp), 7200)
@@ -57,4 +58,4 @@ def test_gc_removes_only_old_unreferenced_data(tmp_path) -> None:  # type: ignor
             ck.load(out, step=step)
             assert torch.equal(out["w"], torch.full((1000,), float(step)))
     assert not (root / "step-0000000004").exists()
-    assert (root / "step-0000000005" / "attempt-running" / "rank0-000000").exists()
+    assert (root / "step-0000000005" / "attempt-000000004a4a4a4a" / "rank0-000000").exists()
