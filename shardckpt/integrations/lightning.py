@@ -76,7 +76,9 @@ from shardckpt.errors import (
     InvalidURIError,
     ManifestError,
     SaveFailedError,
-    ShardckptError,
+    describe_failures,
+    first_cause,
+    from_dcp,
 )
 from shardckpt.layout import Layout
 from shardckpt.reader import ShardReader, read_manifest
@@ -234,10 +236,7 @@ class ShardckptCheckpointIO(CheckpointIO):
                 state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True
             )
         except CheckpointException as exc:
-            cause = next(iter(exc.failures.values()))[0]
-            if isinstance(cause, ShardckptError):
-                raise cause from exc
-            raise
+            raise from_dcp(exc, f"load of {target.uri}", CheckpointError)  # noqa: B904 (has its cause)
         blob = state.get(_SKELETON)
         if not isinstance(blob, bytes):
             raise ManifestError(
@@ -362,10 +361,9 @@ class ShardckptCheckpointIO(CheckpointIO):
             assert writer.last_manifest is not None
             delete_replaced(store, target.layout, writer.last_manifest, replaced)
         except CheckpointException as exc:
-            cause = next(iter(exc.failures.values()))[0]
             raise SaveFailedError(
-                f"Lightning checkpoint save to {target.uri} failed: {type(cause).__name__}: {cause}"
-            ) from cause
+                f"Lightning checkpoint save to {target.uri} failed: {describe_failures(exc)}"
+            ) from first_cause(exc)
         except Exception as exc:
             raise SaveFailedError(
                 f"Lightning checkpoint save to {target.uri} failed: {type(exc).__name__}: {exc}"
