@@ -25,12 +25,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from shardckpt._abort import AbortSwitch, wait_or_abort
 from shardckpt.catalog import committed_steps, step_name
 from shardckpt.deletion import retire_checkpoints
 from shardckpt.errors import (
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
+    SaveAbortedError,
     SaveFailedError,
     describe_failures,
     first_cause,
@@ -111,12 +113,22 @@ def _log_stats(kind: str, stats: SaveStats | LoadStats) -> None:
 
 class SaveHandle:
     """The handle ``save`` returns: ``wait()`` blocks until committed (raising its error),
-    ``done()`` tells whether it has finished."""
+    ``done()`` tells whether it has finished. Ctrl-C while waiting: see ``shardckpt._abort``
+    (the first lets the save finish, the second aborts it)."""
 
-    def __init__(self, step: int, future: Future[None] | None, stats: SaveStats) -> None:
+    def __init__(
+        self,
+        step: int,
+        future: Future[None] | None,
+        stats: SaveStats,
+        switch: AbortSwitch | None = None,
+        uri: str = "",
+    ) -> None:
         self.step = step
         self.stats = stats
         self._future = future
+        self._switch = switch or AbortSwitch()
+        self._what = f"the save of step {step} to {uri}"
         self.raised = False  # its error reached the caller through this handle already
 
     @property
@@ -127,9 +139,15 @@ class SaveHandle:
         return self._future is None or self._future.done()
 
     def wait(self) -> None:
+        self._wait(interrupted=False)
+
+    def _wait(self, *, interrupted: bool) -> None:
+        """``interrupted``: a Ctrl-C arrived before the wait began (see ``wait_or_abort``)."""
         if self._future is not None:
             try:
-                self._future.result()
+                wait_or_abort(self._future, self._switch, self._what, interrupted=interrupted)
+            except KeyboardInterrupt:
+                raise  # not the save's error: it is still to be raised, or was aborted
             except BaseException:
                 self.raised = True
                 raise
@@ -249,8 +267,9 @@ class Checkpointer:
         blocked = time.perf_counter() - started
         stats = SaveStats(step, self.rank, blocked, self.staging.nbytes, snapshot_s=blocked)
         self._known_steps.add(step)  # taken from now on, unless the save fails (see _upload)
-        future = self._executor.submit(self._upload, step, staged, copied, stats, started)
-        self._pending = SaveHandle(step, future, stats)
+        switch = AbortSwitch()
+        future = self._executor.submit(self._upload, step, staged, copied, stats, started, switch)
+        self._pending = SaveHandle(step, future, stats, switch, self.store.uri(step_name(step)))
         return self._pending
 
     def attach(self, optimizer: Any) -> None:
@@ -270,11 +289,17 @@ class Checkpointer:
         copied: Callable[[], None],
         stats: SaveStats,
         started: float,
+        switch: AbortSwitch,
     ) -> None:
         try:
-            self._save_step(step, staged, copied, stats, started)
-        except BaseException:
+            self._save_step(step, staged, copied, stats, started, switch)
+        except BaseException as exc:
             self._known_steps.discard(step)  # a failed save leaves its step free to save again
+            if switch.event.is_set():  # whatever the abort made fail, DCP's wrapping included
+                raise SaveAbortedError(
+                    f"the save of step {step} to {self.store.uri(step_name(step))} was aborted "
+                    "(Ctrl-C): nothing was committed; gc removes what it uploaded"
+                ) from exc
             raise
 
     def _save_step(
@@ -284,6 +309,7 @@ class Checkpointer:
         copied: Callable[[], None],
         stats: SaveStats,
         started: float,
+        switch: AbortSwitch,
     ) -> None:
         copied()
         stats.snapshot_s = time.perf_counter() - started
@@ -296,6 +322,7 @@ class Checkpointer:
             {"step": step},
             self.writer_options,
             self._base_for(step),
+            switch,
         )
         try:
             dcp.save(
@@ -350,11 +377,15 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until the save in flight is committed; raise its error, once (not again
-        if the caller already got it from the save's own handle)."""
+        if the caller already got it from the save's own handle). Ctrl-C: the first lets
+        the save finish (then raises ``KeyboardInterrupt``), the second aborts it."""
+        self._wait(interrupted=False)
+
+    def _wait(self, *, interrupted: bool) -> None:
         if self._pending is not None:
             pending, self._pending = self._pending, None
             if not pending.raised:
-                pending.wait()
+                pending._wait(interrupted=interrupted)
 
     # -- discovery --------------------------------------------------------------------------
     def steps(self) -> list[int]:
@@ -436,10 +467,13 @@ class Checkpointer:
     # -- lifecycle --------------------------------------------------------------------------
     def close(self) -> None:
         """Wait for the save in flight, then free threads and buffers."""
+        self._close(interrupted=False)
+
+    def _close(self, *, interrupted: bool) -> None:
         if self._closed:
             return
         try:
-            self.wait()
+            self._wait(interrupted=interrupted)
         finally:
             self._closed = True
             for hook in self._hooks:
@@ -461,8 +495,9 @@ class Checkpointer:
     def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        # Leaving on Ctrl-C: say that the save in flight finishes, and how to abort it.
+        self._close(interrupted=isinstance(exc, KeyboardInterrupt))
 
     def install_sigterm_handler(self) -> None:
         """Opt-in preemption handling: on SIGTERM, only note it; the training loop asks

@@ -1,13 +1,16 @@
 """The ``shardckpt`` command: list, inspect, verify, clean up, export and copy checkpoints.
 
-Exit codes: 0 success; 1 a failure (the message names the URI and cause), or ``verify``
-found damage; 2 bad usage.
+Exit codes: 0 success; 1 a failure (one line, ``shardckpt: error: ...``, naming the URI and
+cause), or ``verify`` found damage; 2 bad usage; 130 interrupted (Ctrl-C). An S3 request
+that goes unanswered is given up after ``--timeout`` (30 s), retries included, not after
+the library's 5 minutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -34,6 +37,7 @@ from shardckpt.reader import read_manifest
 from shardckpt.single import load as load_single
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.store.base import gather
+from shardckpt.store.s3_config import timeout_options
 from shardckpt.verify import verify_checkpoint
 
 
@@ -78,7 +82,19 @@ def _store(args: argparse.Namespace, uri: str) -> ObjectStore:
         for k in ("endpoint", "region", "profile", "transport")
         if getattr(args, k)
     }
-    return open_store(uri, **options)
+    return open_store(uri, **options, **timeout_options(args.timeout))
+
+
+def _output_file(path: str) -> str:
+    """An argparse type for a file to create, checked before anything is downloaded. It
+    raises our error, not ``ArgumentTypeError``: argparse lets it through to ``main``, which
+    prints it as one line (a missing folder is a failure, not a usage error)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ShardckptError(f"cannot write {path}: the directory {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ShardckptError(f"cannot write {path}: the directory {folder} is not writable")
+    return path
 
 
 def _checkpoint_layout(store: ObjectStore, step: int | None) -> Layout:
@@ -298,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--transport", choices=["boto3", "crt"], help="S3 client for data (default: boto3)"
     )
+    common.add_argument(
+        "--timeout",
+        type=duration,
+        default=30.0,
+        help="give up on an S3 request after this long, retries included (default 30s)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ls", parents=[common], help="list checkpoints under a URI")
@@ -339,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("uri")
     p.add_argument(
-        "out", help="output file; .safetensors for safetensors, anything else for torch.save"
+        "out",
+        type=_output_file,
+        help="output file; .safetensors for safetensors, anything else for torch.save",
     )
     p.add_argument("--step", type=int)
     p.add_argument(
@@ -371,6 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # The library's WARNINGs (a request being retried, ...) are for the person waiting.
+    shown = logging.StreamHandler(sys.stderr)
+    shown.setFormatter(logging.Formatter("shardckpt: warning: %(message)s"))
+    shown.setLevel(logging.WARNING)
+    library = logging.getLogger("shardckpt")
+    library.addHandler(shown)
     try:
         if argv[:1] == ["bench"]:  # everything after it, --help included, is the harness's
             return run_bench(argv[1:])
@@ -380,7 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shardckpt: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        print("shardckpt: interrupted", file=sys.stderr)
         return 130
+    finally:
+        library.removeHandler(shown)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,12 @@ class ShardckptError(Exception):
 
 
 class InvalidURIError(ShardckptError, ValueError):
-    """A URI shardckpt cannot use (unknown scheme, missing bucket, ...)."""
+    """A URI shardckpt cannot use (unknown scheme, missing bucket, an S3 endpoint without
+    ``http://`` or ``https://``, ...)."""
+
+
+class ConfigError(ShardckptError, ValueError):
+    """A setting shardckpt cannot use, e.g. an AWS profile that is not configured."""
 
 
 class StoreError(ShardckptError):
@@ -37,7 +42,7 @@ class AccessDeniedError(StoreError):
 
 
 class EndpointUnreachableError(StoreError):
-    """The S3 endpoint could not be reached (DNS, refused connection, timeout)."""
+    """The S3 endpoint could not be reached (DNS, refused connection, failed TLS handshake)."""
 
 
 class ObjectNotFoundError(StoreError):
@@ -78,6 +83,11 @@ class ChecksumMismatchError(CheckpointError):
 
 class SaveFailedError(CheckpointError):
     """A (background) save failed; the message names step, rank, key and cause."""
+
+
+class SaveAbortedError(SaveFailedError):
+    """A save was aborted (a second Ctrl-C): nothing was committed; what it uploaded is
+    garbage that gc removes."""
 
 
 class StateDictMismatchError(CheckpointError):

@@ -4,12 +4,15 @@ uploads, atomic commit and checksums.
 
 Errors are shardckpt's own (``except Exception`` catches them), never DCP's
 ``CheckpointException`` (a BaseException) or its ``AssertionError`` for a missing manifest.
+A save runs on a thread of its own while the caller waits, so that Ctrl-C reaches the wait:
+the first lets the save finish, the second aborts it (``shardckpt._abort``).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -18,6 +21,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+from shardckpt._abort import wait_or_abort
 from shardckpt.errors import CheckpointError, SaveFailedError, from_dcp
 from shardckpt.reader import ShardReader
 from shardckpt.writer import ShardWriter
@@ -37,7 +41,9 @@ def save(obj: Any, uri: str | os.PathLike[str], **options: Any) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         try:
-            dcp.save(state, storage_writer=writer, no_dist=True)
+            with ThreadPoolExecutor(1, thread_name_prefix="shardckpt-save") as pool:
+                future = pool.submit(dcp.save, state, storage_writer=writer, no_dist=True)
+                wait_or_abort(future, writer.abort_switch, f"the save to {writer.uri}")
         except CheckpointException as exc:
             raise from_dcp(exc, f"save to {writer.uri}", SaveFailedError)  # noqa: B904 (has its cause)
 

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
+from shardckpt._abort import AbortSwitch
 from shardckpt._bytes import crc32c, crc32c_of, each_view, per_view, tensor_bytes, xxh3_of
 from shardckpt.errors import (
     CheckpointExistsError,
@@ -41,6 +42,7 @@ from shardckpt.layout import Layout, new_attempt_id
 from shardckpt.manifest import Manifest, ObjectRecord, RankItems, StreamRecord
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.store.base import gather, slice_views
+from shardckpt.store.retry import cancelled_by
 from shardckpt.uri import parse_uri
 
 logger = logging.getLogger(__name__)
@@ -92,7 +94,8 @@ class ShardWriter(StorageWriter):
 
     Options: those of :class:`WriterOptions` and of the store (``endpoint``, ``region``,
     ``profile``, ``transport``, ...). Use with ``dcp.save``, ``dcp.async_save``, or the
-    :class:`~shardckpt.Checkpointer`.
+    :class:`~shardckpt.Checkpointer`. ``abort_switch.abort()`` (from another thread) stops
+    its save: no object is started after it, requests in flight stop, nothing is committed.
     """
 
     def __init__(self, uri: str | os.PathLike[str], **options: Any) -> None:
@@ -109,6 +112,7 @@ class ShardWriter(StorageWriter):
         self.last_stream: StreamRecord | None = None
         self.base: ContentIndex | None = None  # set: an incremental save against it
         self.last_reused = 0  # bytes the last save reused instead of uploading
+        self.abort_switch = AbortSwitch()
 
     @classmethod
     def _for_checkpoint(
@@ -119,6 +123,7 @@ class ShardWriter(StorageWriter):
         attributes: dict[str, Any],
         options: WriterOptions,
         base: ContentIndex | None = None,
+        abort_switch: AbortSwitch | None = None,
     ) -> ShardWriter:
         """A writer for one checkpoint of a :class:`Checkpointer`, sharing its store."""
         writer = cls.__new__(cls)
@@ -130,6 +135,7 @@ class ShardWriter(StorageWriter):
         writer.last_manifest = None
         writer.last_stream = None
         writer.base, writer.last_reused = base, 0
+        writer.abort_switch = abort_switch or AbortSwitch()
         return writer
 
     def _reset_uri(self, uri: str | os.PathLike[str]) -> None:
@@ -217,6 +223,7 @@ class ShardWriter(StorageWriter):
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         metadata.storage_meta = self.storage_meta()  # as DCP's FileSystemWriter does
         manifest = build_manifest(metadata, results, dict(self._attributes))
+        self.abort_switch.begin_commit(self.store.uri(self._layout.manifest_key))
         commit(self.store, self._layout, manifest, overwrite=self.options.overwrite)
         self.last_manifest = manifest
 
@@ -266,17 +273,20 @@ class ShardWriter(StorageWriter):
         names = [self._layout.data_name(self.attempt, self.rank, i) for i in range(count)]
 
         def upload(index: int) -> ObjectRecord:
+            key = self._layout.key(names[index])
+            self.abort_switch.check(self.store.uri(key))
             segments = slice_views(
                 views, index * object_size, min(object_size, total - index * object_size), offsets
             )
             crc = crc32c(segments)
-            self.store.put(self._layout.key(names[index]), segments)
+            with cancelled_by(self.abort_switch.event):
+                self.store.put(key, segments)
             return ObjectRecord(names[index], sum(len(s) for s in segments), crc)
 
         uploads = [pool.submit(upload, i) for i in range(count)]
         sums = per_view(pool, checksum, views)
-        # On a failed upload, the queued ones are cancelled: the save fails within about one
-        # retry deadline, not one per queued object.
+        # On a failed (or aborted) upload, the queued ones are cancelled: the save fails within
+        # about one retry deadline, not one per queued object.
         done = gather([*uploads, *sums])
         stream = StreamRecord(self.rank, object_size, tuple(done[:count]))
         return stream, offsets, [c for part in done[count:] for c in part]

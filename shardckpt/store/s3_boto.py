@@ -28,9 +28,11 @@ from shardckpt.errors import (
     BucketNotFoundError,
     ChecksumMismatchError,
     ConditionalPutUnsupportedError,
+    ConfigError,
     EndpointUnreachableError,
     ObjectExistsError,
     ObjectNotFoundError,
+    ShardckptError,
     StoreError,
 )
 from shardckpt.store.base import (
@@ -43,7 +45,7 @@ from shardckpt.store.base import (
     slice_views,
     total_size,
 )
-from shardckpt.store.retry import TransientError
+from shardckpt.store.retry import TransientError, cancel_event, check_cancelled
 from shardckpt.store.s3_config import S3Config
 
 logger = logging.getLogger(__name__)
@@ -104,9 +106,16 @@ def _body_reader(body: Any) -> Callable[[memoryview], int]:
 
 class BufferChain(io.RawIOBase):
     """A seekable, read-only file over a sequence of byte views, for request bodies:
-    botocore streams it without the buffers ever being joined."""
+    botocore streams it without the buffers ever being joined. Once ``cancel`` is set,
+    reading raises :class:`SaveAbortedError` naming ``uri``: the request stops mid-body."""
 
-    def __init__(self, views: Sequence[memoryview]) -> None:
+    def __init__(
+        self,
+        views: Sequence[memoryview],
+        cancel: threading.Event | None = None,
+        uri: str = "",
+    ) -> None:
+        self._cancel, self._uri = cancel, uri
         self._views = [v for v in views if len(v)]
         self._starts: list[int] = []
         pos = 0
@@ -138,6 +147,7 @@ class BufferChain(io.RawIOBase):
         return self._pos
 
     def read(self, size: int = -1) -> bytes | memoryview:  # type: ignore[override]
+        check_cancelled(self._cancel, self._uri)
         if self._pos >= self._size:
             return b""
         while self._starts[self._index] + len(self._views[self._index]) <= self._pos:
@@ -164,21 +174,24 @@ class BotoS3Store:
         self.config = config
         self._endpoint = config.resolved_endpoint()
         self._warned_unconditional = False  # the unsafe_unconditional_commit WARNING, once
-        with _SESSIONS_LOCK:  # creating clients from one session is not thread-safe
-            self._client = _session(config.profile).client(
-                "s3",
-                endpoint_url=self._endpoint,
-                region_name=config.resolved_region(),
-                config=botocore.config.Config(
-                    s3={"addressing_style": "path" if self._endpoint else "auto"},
-                    retries={"total_max_attempts": 1},
-                    max_pool_connections=max(64, 4 * config.max_concurrency),
-                    connect_timeout=config.connect_timeout,
-                    read_timeout=config.read_timeout,
-                    request_checksum_calculation="when_required",
-                    response_checksum_validation="when_required",
-                ),
-            )
+        try:
+            with _SESSIONS_LOCK:  # creating clients from one session is not thread-safe
+                self._client = _session(config.profile).client(
+                    "s3",
+                    endpoint_url=self._endpoint,
+                    region_name=config.resolved_region(),
+                    config=botocore.config.Config(
+                        s3={"addressing_style": "path" if self._endpoint else "auto"},
+                        retries={"total_max_attempts": 1},
+                        max_pool_connections=max(64, 4 * config.max_concurrency),
+                        connect_timeout=config.connect_timeout,
+                        read_timeout=config.read_timeout,
+                        request_checksum_calculation="when_required",
+                        response_checksum_validation="when_required",
+                    ),
+                )
+        except botocore.exceptions.ProfileNotFound as exc:
+            raise self._profile_error(exc) from None
         # No "Expect: 100-continue" (botocore adds it to every S3 PUT): after any early final
         # response to it (an empty body on Go servers such as rclone and MinIO, or an early
         # 412/403), botocore mis-parses the next such response on that pooled connection,
@@ -188,6 +201,15 @@ class BotoS3Store:
             config.max_concurrency, thread_name_prefix="shardckpt-part"
         )
         self.stats = StoreStats()
+
+    def _profile_error(self, exc: botocore.exceptions.ProfileNotFound) -> ConfigError:
+        name = exc.kwargs.get("profile", self.config.profile)
+        source = "" if self.config.profile else " (from AWS_PROFILE)"
+        return ConfigError(
+            f"{self.uri()}: AWS profile {name!r}{source} is not configured: it is in neither "
+            "the AWS config file nor the credentials file (~/.aws/config, ~/.aws/credentials, "
+            "or AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE)"
+        )
 
     # -- naming -----------------------------------------------------------------------
     def _key(self, key: str) -> str:
@@ -210,7 +232,7 @@ class BotoS3Store:
             try:
                 return fn()
             except Exception as exc:  # translated below; nothing is swallowed
-                raise _translate(exc, uri) from exc
+                raise _translate(exc, uri, self._endpoint) from exc
 
         return self.config.retry.run(f"{what} {uri}", attempt, self._count_retry)
 
@@ -221,6 +243,7 @@ class BotoS3Store:
         self.stats.add(bytes_put=size)
         if if_absent:
             self.check_conditional_put()
+        cancel = cancel_event()
         if size <= self.config.multipart_threshold or if_absent:
             extra = {"IfNoneMatch": "*"} if if_absent else {}
             self._call(
@@ -229,13 +252,13 @@ class BotoS3Store:
                 lambda: self._client.put_object(
                     Bucket=self.bucket,
                     Key=self._key(key),
-                    Body=BufferChain(views),
+                    Body=BufferChain(views, cancel, self.uri(key)),
                     ContentLength=size,
                     **extra,
                 ),
             )
             return
-        self._put_multipart(key, views, size)
+        self._put_multipart(key, views, size, cancel)
 
     def check_conditional_put(self) -> None:
         """Refuse a conditional put to a server that ignores ``If-None-Match`` (unless
@@ -289,7 +312,9 @@ class BotoS3Store:
         finally:
             self.delete([key])
 
-    def _put_multipart(self, key: str, views: list[memoryview], size: int) -> None:
+    def _put_multipart(
+        self, key: str, views: list[memoryview], size: int, cancel: threading.Event | None
+    ) -> None:
         uri, full = self.uri(key), self._key(key)
         upload_id = self._call(
             "CreateMultipartUpload",
@@ -311,7 +336,7 @@ class BotoS3Store:
                         Key=full,
                         UploadId=upload_id,
                         PartNumber=number,
-                        Body=BufferChain(part),
+                        Body=BufferChain(part, cancel, uri),
                         ContentLength=length,
                     ),
                 )
@@ -476,9 +501,9 @@ class BotoS3Store:
         self._client.close()
 
 
-def _translate(exc: Exception, uri: str) -> Exception:
+def _translate(exc: Exception, uri: str, endpoint: str | None) -> Exception:
     """Map a boto/urllib3 error to a shardckpt error or a :class:`TransientError`."""
-    if isinstance(exc, StoreError):
+    if isinstance(exc, ShardckptError):
         return exc
     if isinstance(exc, botocore.exceptions.ClientError):
         error = exc.response.get("Error", {})
@@ -502,8 +527,18 @@ def _translate(exc: Exception, uri: str) -> Exception:
                 f"{text} (HTTP {status})", throttled=code in _THROTTLED or status == 503
             )
         return StoreError(f"{uri}: {text} (HTTP {status})", uri)
+    server = endpoint or "of AWS"
+    if isinstance(exc, botocore.exceptions.SSLError):
+        # Not retried: a handshake fails the same way every time.
+        return EndpointUnreachableError(
+            f"{uri}: cannot reach the S3 endpoint {server}: the TLS handshake failed ({exc}); "
+            "does the server speak plain http://, or is its certificate not trusted?",
+            uri,
+        )
     if isinstance(exc, botocore.exceptions.EndpointConnectionError):
-        return EndpointUnreachableError(f"{uri}: cannot reach the S3 endpoint ({exc})", uri)
+        return EndpointUnreachableError(
+            f"{uri}: cannot reach the S3 endpoint {server} ({exc})", uri
+        )
     if isinstance(
         exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError
     ):

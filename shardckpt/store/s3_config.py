@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
 
+from shardckpt.errors import InvalidURIError
 from shardckpt.store.retry import RetryPolicy
 
 MiB = 1 << 20
@@ -56,12 +59,17 @@ class S3Config:
             )
 
     def resolved_endpoint(self) -> str | None:
-        return (
-            self.endpoint
-            or os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL")
-            or None
-        )
+        """The endpoint URL, checked: botocore would fail on one without a scheme with a
+        bare ``ValueError``, and the CRT would try to resolve it as a host name."""
+        for source, value in (
+            ("endpoint", self.endpoint),
+            ("AWS_ENDPOINT_URL_S3", os.environ.get("AWS_ENDPOINT_URL_S3")),
+            ("AWS_ENDPOINT_URL", os.environ.get("AWS_ENDPOINT_URL")),
+        ):
+            if value:
+                _check_endpoint(value, source)
+                return value
+        return None
 
     def resolved_region(self) -> str:
         return (
@@ -77,3 +85,29 @@ class S3Config:
         needed = -(-size // MAX_PARTS)
         needed = -(-needed // MiB) * MiB
         return max(self.part_size, needed)
+
+
+def _check_endpoint(url: str, source: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https") and parts.hostname:
+        return
+    if "://" not in url:
+        raise InvalidURIError(
+            f"S3 endpoint {url!r} (from {source}) has no scheme: use http://{url} or https://{url}"
+        )
+    raise InvalidURIError(
+        f"S3 endpoint {url!r} (from {source}) is not an http:// or https:// URL with a host"
+    )
+
+
+def timeout_options(seconds: float) -> dict[str, Any]:
+    """Store options under which one operation gives up after about ``seconds``, retries
+    included (for interactive use: the defaults keep retrying an unanswering server for
+    5 minutes). Each request may take a third of it, so a third attempt, the first logged
+    at WARNING, still fits."""
+    per_request = seconds / 3
+    return {
+        "retry": RetryPolicy(deadline=seconds),
+        "read_timeout": per_request,
+        "connect_timeout": min(S3Config.connect_timeout, per_request),
+    }

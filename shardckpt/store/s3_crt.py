@@ -21,7 +21,7 @@ from shardckpt.errors import (
     StoreError,
 )
 from shardckpt.store.base import Buffer, ObjectInfo, as_byte_views
-from shardckpt.store.retry import TransientError
+from shardckpt.store.retry import TransientError, cancel_event, check_cancelled
 from shardckpt.store.s3_boto import BotoS3Store
 from shardckpt.store.s3_config import S3Config
 
@@ -60,7 +60,7 @@ class CrtS3Store(BotoS3Store):
             try:
                 return fn()
             except S3Exception as exc:
-                raise _translate_crt(exc, uri) from exc
+                raise _translate_crt(exc, uri, self._endpoint) from exc
 
         return self.config.retry.run(f"{what} {uri}", attempt, self._count_retry)
 
@@ -70,15 +70,17 @@ class CrtS3Store(BotoS3Store):
             return
         views = as_byte_views(data)
         self.stats.add(bytes_put=sum(len(v) for v in views))
+        uri, cancel = self.uri(key), cancel_event()
 
         def upload() -> None:
             stream = self._native.put_object(self.bucket, self._key(key))
             for view in views:
                 for start in range(0, len(view), _WRITE_SLICE):
+                    check_cancelled(cancel, uri)  # left unclosed: gc aborts its upload
                     stream.write(view[start : start + _WRITE_SLICE].tobytes())
             stream.close()
 
-        self._crt_call("PUT", self.uri(key), upload)
+        self._crt_call("PUT", uri, upload)
 
     def get_into(self, key: str, offset: int, views: Sequence[memoryview]) -> None:
         # Empty views (zero-size tensors) take no bytes; left in, a trailing one is never
@@ -151,7 +153,7 @@ class CrtS3Store(BotoS3Store):
                 pass
 
 
-def _translate_crt(exc: S3Exception, uri: str) -> Exception:
+def _translate_crt(exc: S3Exception, uri: str, endpoint: str | None) -> Exception:
     text = str(exc)
     lower = text.lower()
     if "bucket does not exist" in lower or "nosuchbucket" in lower:
@@ -174,8 +176,10 @@ def _translate_crt(exc: S3Exception, uri: str) -> Exception:
         return AccessDeniedError(
             f"{uri}: access denied, check credentials and permissions ({text})", uri
         )
-    if any(s in lower for s in ("connection_refused", "dns", "host_not_found", "no route")):
-        return EndpointUnreachableError(f"{uri}: cannot reach the S3 endpoint ({text})", uri)
+    if any(s in lower for s in ("connection_refused", "dns", "host_not_found", "no route", "tls_")):
+        return EndpointUnreachableError(
+            f"{uri}: cannot reach the S3 endpoint {endpoint or 'of AWS'} ({text})", uri
+        )
     if any(s in lower for s in ("slowdown", "throttl", "503")):
         return TransientError(text, throttled=True)
     # The CRT names a 500 "AWS_ERROR_S3_INTERNAL_ERROR ... internal server error", without the code.

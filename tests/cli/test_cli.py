@@ -11,9 +11,10 @@ import torch
 
 import shardckpt
 from shardckpt import Checkpointer
-from shardckpt.cli import main
+from shardckpt.cli import build_parser, main
 from shardckpt.store import open_store
 from tests.conftest import Target, make_target
+from tests.store.silent_server import silent_server
 
 
 @pytest.fixture(params=["local", "moto-boto3"])
@@ -159,3 +160,66 @@ def test_bench_forwards_its_arguments(capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit) as info:
         main(["bench", "--help"])
     assert info.value.code == 0 and "--quick" in capsys.readouterr().out
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shardckpt: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("transport", ["boto3", "crt"])
+def test_newcomer_mistakes_get_one_error_line(
+    moto,
+    tmp_path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    transport: str,
+) -> None:  # type: ignore[no-untyped-def]
+    """Each of these printed a raw traceback (ValueError, ProfileNotFound, RuntimeError)."""
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    uri, plain = "s3://bucket/ckpt", ["--transport", transport]
+    assert main(["ls", uri, "--endpoint", "127.0.0.1:9000", *plain]) == 1
+    assert "'127.0.0.1:9000' (from endpoint) has no scheme: use http://127.0.0.1:9000" in (
+        _one_error_line(capsys.readouterr().err)
+    )
+    assert main(["ls", uri, "--endpoint", moto.endpoint, "--profile", "nosuch", *plain]) == 1
+    assert "AWS profile 'nosuch' is not configured" in _one_error_line(capsys.readouterr().err)
+    ckpt = str(tmp_path / "ckpt")
+    shardckpt.save({"w": torch.arange(4)}, ckpt)
+    for out in ("model.pt", "model.safetensors"):
+        missing = str(tmp_path / "no" / "such" / out)
+        assert main(["export", ckpt, missing, *plain]) == 1
+        line = _one_error_line(capsys.readouterr().err)
+        assert (
+            f"cannot write {missing}: the directory {tmp_path / 'no' / 'such'} does not exist"
+            in line
+        )
+        assert not os.path.exists(tmp_path / "no")
+
+
+def test_https_to_a_plain_http_server_is_one_error_line(
+    moto, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    endpoint = moto.endpoint.replace("http://", "https://")
+    assert main(["ls", "s3://bucket/ckpt", "--endpoint", endpoint]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"cannot reach the S3 endpoint {endpoint}: the TLS handshake failed" in line
+
+
+def test_a_server_that_never_answers_fails_within_the_timeout_and_says_it_retries(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert build_parser().parse_args(["ls", "s3://b/x"]).timeout == 30.0  # the default
+    with silent_server() as endpoint:
+        start = time.monotonic()
+        assert main(["ls", "s3://bucket/ckpt", "--endpoint", endpoint, "--timeout", "1.5s"]) == 1
+        assert time.monotonic() - start < 1.5 + 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2, err
+    assert err[0].startswith(
+        "shardckpt: warning: HEAD s3://bucket/ckpt/manifest.json: attempt 2 failed"
+    )
+    assert "ReadTimeoutError" in err[0] and "retrying" in err[0]
+    assert err[1].startswith("shardckpt: error: HEAD s3://bucket/ckpt/manifest.json: gave up after")

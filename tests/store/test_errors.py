@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -21,12 +22,16 @@ from shardckpt.devserver import LocalS3Server, start_moto
 from shardckpt.errors import (
     AccessDeniedError,
     BucketNotFoundError,
+    ConfigError,
     EndpointUnreachableError,
     InvalidURIError,
     ObjectNotFoundError,
+    RetriesExhaustedError,
 )
 from shardckpt.store import ObjectStore, open_store
+from shardckpt.store.s3_config import timeout_options
 from shardckpt.uri import Location, parse_uri
+from tests.store.silent_server import silent_server
 
 if TYPE_CHECKING:
     from tests.conftest import Target
@@ -340,3 +345,74 @@ def test_wrong_credentials(
             assert secret not in shown, f"{transport} {name} leaks the secret key"
     finally:
         store.close()
+
+
+# -- endpoints, profiles and servers that do not answer --------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_an_endpoint_without_scheme_is_an_invalid_uri(
+    transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(
+        InvalidURIError, match=r"'127\.0\.0\.1:9000' \(from endpoint\) has no scheme"
+    ):
+        open_store("s3://bucket/ckpt", endpoint="127.0.0.1:9000", transport=transport)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "localhost:9000")
+    with pytest.raises(InvalidURIError, match=r"'localhost:9000' \(from AWS_ENDPOINT_URL\)"):
+        open_store("s3://bucket/ckpt", transport=transport)
+    with pytest.raises(InvalidURIError, match="not an http:// or https:// URL"):
+        open_store("s3://bucket/ckpt", endpoint="ftp://127.0.0.1:9000", transport=transport)
+
+
+def test_https_to_a_plain_http_server_is_unreachable_at_once(moto: LocalS3Server) -> None:
+    endpoint = moto.endpoint.replace("http://", "https://")
+    uri = "s3://bucket/ckpt"
+    store = open_store(uri, endpoint=endpoint)
+    try:
+        for name, call in operations(store).items():
+            start = time.monotonic()
+            with pytest.raises(EndpointUnreachableError) as info:
+                call()
+            message = str(info.value)
+            assert uri in message and endpoint in message and "TLS handshake" in message, name
+            assert time.monotonic() - start < 5, f"{name}: a failed handshake was retried"
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_an_unknown_profile_is_a_config_error(
+    transport: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    options = {"endpoint": "http://127.0.0.1:9", "transport": transport}
+    with pytest.raises(
+        ConfigError, match=r"s3://bucket/ckpt: AWS profile 'nosuch' is not configured"
+    ):
+        open_store("s3://bucket/ckpt", profile="nosuch", **options)
+    monkeypatch.setenv("AWS_PROFILE", "nosuch-either")
+    with pytest.raises(ConfigError, match=r"'nosuch-either' \(from AWS_PROFILE\)"):
+        open_store("s3://bucket/ckpt", **options)
+
+
+def test_a_server_that_never_answers_is_given_up_within_the_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    uri = "s3://bucket/ckpt"
+    with silent_server() as endpoint:
+        store = open_store(uri, endpoint=endpoint, **timeout_options(1.5))
+        try:
+            start = time.monotonic()
+            with caplog.at_level(logging.WARNING, logger="shardckpt"):
+                with pytest.raises(RetriesExhaustedError, match=f"HEAD {uri}/manifest.json"):
+                    store.head("manifest.json")
+            assert time.monotonic() - start < 1.5 + 2
+        finally:
+            store.close()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1, warned  # before the 3rd attempt
+    assert f"HEAD {uri}/manifest.json: attempt 2 failed" in warned[0]
+    assert "ReadTimeoutError" in warned[0] and "giving up after 1.5s" in warned[0]

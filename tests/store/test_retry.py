@@ -5,6 +5,7 @@ Pure unit tests: the functions under retry are plain callables that fail on cue.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -129,3 +130,16 @@ def test_policy_is_a_frozen_value() -> None:
     with pytest.raises(AttributeError):
         policy.max_attempts = 3  # type: ignore[misc]
     assert RetryPolicy(max_attempts=3) == RetryPolicy(max_attempts=3)
+
+
+def test_retries_are_warned_from_the_third_attempt_on(caplog: pytest.LogCaptureFixture) -> None:
+    fn, calls = failing(3, TransientError("SlowDown (HTTP 503)", throttled=True))
+    with caplog.at_level(logging.DEBUG, logger="shardckpt.store.retry"):
+        assert FAST.run("PUT s3://b/k", fn) == "done"
+    retries = [r for r in caplog.records if "retrying" in r.getMessage()]
+    # Attempt 1 failing is routine (DEBUG); announcing attempts 3 and 4 is not.
+    assert [r.levelno for r in retries] == [logging.DEBUG, logging.WARNING, logging.WARNING]
+    assert all(
+        "PUT s3://b/k" in r.getMessage() and "SlowDown (HTTP 503)" in r.getMessage()
+        for r in retries
+    )
