@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
-from shardckpt.layout import Layout
+from shardckpt.layout import Layout, new_attempt_id
 from shardckpt.manifest import Manifest, ObjectRecord, RankItems, StreamRecord
 from shardckpt.planner import UNCHANGED, ShardSavePlanner
 from shardckpt.reader import read_manifest
@@ -80,10 +80,10 @@ def report(rank: int, plan: SavePlan, object_size: int) -> RankReport:
         offsets.append(total)
         lengths.append(chunk.sizes.numel() * 4)
         total += lengths[-1]
-    layout = Layout(fanout=0)
+    layout, attempt = Layout(fanout=0), new_attempt_id()
     objects = tuple(
         ObjectRecord(
-            layout.data_name("attempt-sim", rank, i), min(object_size, total - i * object_size), 0
+            layout.data_name(attempt, rank, i), min(object_size, total - i * object_size), 0
         )
         for i in range(-(-total // object_size))
     )

@@ -15,11 +15,18 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from shardckpt._duration import duration
 from shardckpt.catalog import committed_steps, find_checkpoints, step_name
-from shardckpt.errors import CheckpointNotFoundError, ObjectExistsError, ShardckptError
+from shardckpt.checkpointer import _first_cause
+from shardckpt.errors import (
+    CheckpointNotFoundError,
+    ManifestError,
+    ObjectExistsError,
+    ShardckptError,
+)
 from shardckpt.gc import collect_garbage
 from shardckpt.layout import Layout
 from shardckpt.mirror import add_mirror_command
@@ -152,7 +159,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     store = _store(args, args.uri)
     layout = _checkpoint_layout(store, args.step)
-    report = verify_checkpoint(store, layout, num_threads=args.threads)
+    try:
+        report = verify_checkpoint(store, layout, num_threads=args.threads)
+    except ManifestError as exc:  # a load would refuse it: damage, not a crash
+        print(f"DAMAGED {store.uri(layout.manifest_key)}: {exc}")
+        print(f"{store.uri(layout.prefix)}: the manifest is refused: a load would fail")
+        return 1
     for uri, problem in sorted(report.problems.items()):
         print(f"DAMAGED {uri}: {problem}")
     status = "OK" if report.ok else f"{len(report.problems)} of {report.objects} objects damaged"
@@ -187,7 +199,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         for k in ("endpoint", "region", "profile", "transport")
         if getattr(args, k)
     }
-    state = load_single(store.uri(layout.prefix), trusted=args.trusted, **options)
+    read_manifest(store, layout)  # one clear error for a refused manifest (DCP's would assert)
+    try:
+        state = load_single(store.uri(layout.prefix), trusted=args.trusted, **options)
+    except CheckpointException as exc:  # DCP's wrapper of our own errors: one line, not a trace
+        cause = _first_cause(exc)
+        if isinstance(cause, ShardckptError):
+            raise cause from None
+        raise
     if args.out.endswith(".safetensors"):
         try:
             from safetensors.torch import save_file

@@ -14,6 +14,7 @@ the request load over partitions; readers need no listing, the manifest records 
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,6 +24,11 @@ from shardckpt.errors import ManifestError
 
 MANIFEST_NAME = "manifest.json"
 ATTEMPT_MARK = "attempt-"
+# The names this layout makes, and the only ones a manifest may use: a data object's name
+# relative to its checkpoint (``data_name``: groups rank and sequence number), and a
+# Checkpointer step's name (``catalog.step_name``), the only sibling a stream's home may be.
+DATA_NAME = re.compile(r"(?:[0-9a-f]{3}/)?attempt-[0-9a-f]{16}/rank([0-9]+)-([0-9]{6,})")
+STEP_NAME = re.compile(r"step-(?:[0-9]{10}|[1-9][0-9]{10,})")
 
 
 def new_attempt_id() -> str:
@@ -63,20 +69,21 @@ class Layout:
             name = f"{int.from_bytes(digest, 'big') % self.fanout:03x}/{name}"
         return name
 
+    @property
+    def name(self) -> str:
+        """The checkpoint's name under its parent ("" when it is the root of its store)."""
+        return self.prefix.rsplit("/", 1)[-1]
+
     def resolve(self, name: str, home: str = "") -> str:
-        """The store key of ``name`` from a manifest, refusing names that could leave the
-        checkpoint (absolute, empty, '.' or '..' segments) or shadow its manifest. With
-        ``home``, ``name`` belongs to that sibling checkpoint (a reused stream)."""
-        parts = name.split("/")
-        if (
-            not name
-            or any(p in ("", ".", "..") for p in parts)
-            or name == MANIFEST_NAME
-            or "\\" in name
-        ):
+        """The store key of ``name`` from a manifest, refusing a name this layout does not
+        make (so nothing outside the checkpoint). With ``home``, ``name`` belongs to that
+        sibling step (a stream an incremental save reuses)."""
+        if not DATA_NAME.fullmatch(name):
             raise ValueError(f"object name {name!r} is not inside the checkpoint")
         if not home:
             return self.key(name)
+        if not STEP_NAME.fullmatch(home) or home == self.name:
+            raise ManifestError(f"stream home {home!r} is not the name of a sibling step")
         if not self.prefix:
             raise ManifestError(
                 f"object {name!r} belongs to sibling checkpoint {home!r} (an incremental save), "

@@ -8,7 +8,6 @@ the verify side, and once against the load error so both name the same object.)
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from shardckpt.devserver import LocalS3Server
 from shardckpt.layout import MANIFEST_NAME, Layout
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.verify import verify_checkpoint
+from tests.manifest.edit import sealed, unsealed
 
 MiB = 1 << 20
 
@@ -126,8 +126,8 @@ def test_verify_refuses_a_bad_manifest(
 ) -> None:  # type: ignore[no-untyped-def]
     store, uri, options = saved
     key = f"ckpt/{MANIFEST_NAME}"
-    new = rewrite(json.loads(store.get(key)))
-    store.put(key, [new.encode() if isinstance(new, str) else json.dumps(new).encode()])
+    new = rewrite(unsealed(store.get(key)))
+    store.put(key, [new.encode() if isinstance(new, str) else sealed(new)])
     with pytest.raises(ManifestError) as info:
         verify_checkpoint(store, Layout("ckpt"))
     assert message in str(info.value) and store.uri(key) in str(info.value)
