@@ -474,6 +474,8 @@ def _add_chunks(
             at = f"items[{t}].chunk[{k}] (tensors[{fqn!r}])"
             if isinstance(md, BytesStorageMetadata) or chunk is None:
                 if isinstance(md, BytesStorageMetadata) and chunk is None:
+                    if length == 0:  # a serialized value is never empty
+                        fields.fail(f"items[{t}].length[{k}] ({fqn!r})", "0 bytes for a value")
                     continue
                 fields.fail(
                     at,
