@@ -161,6 +161,8 @@ def _check_planner_data(planner_data: object, names: list[str], fail: Fail) -> N
         )
     kinds: dict[tuple[object, ...], type] = {}
     for key, path in planner_data.items():
+        if len(path) == 1 and path[0] == key:  # a top-level value: most of them
+            continue
         at = f"planner_data[{key!r}]"
         if (
             not path

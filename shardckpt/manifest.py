@@ -282,7 +282,7 @@ class Manifest:
         ]
         _add_chunks(state_dict_metadata, items, fields)
         created = fields.get(doc, "created")
-        if type(created) not in (int, float):
+        if type(created) is not float and not (type(created) is int and abs(created) < INT_END):
             fields.fail("created", f"{created!r} is not a time")
         attributes = fields.get(doc, "attributes")
         if not isinstance(attributes, dict):
@@ -391,7 +391,7 @@ class _Fields:
         """``values``, a list of ints in [0, ``end``)."""
         if not isinstance(values, list):
             self.fail(field, "not a list")
-        if not all(type(v) is int for v in values) or (
+        if not set(map(type, values)) <= {int} or (
             values and not (min(values) >= 0 and max(values) < end)
         ):
             i = next(i for i, v in enumerate(values) if type(v) is not int or not 0 <= v < end)
@@ -429,10 +429,7 @@ def _decode_items(doc: Any, at: str, names: list[str], fields: _Fields) -> RankI
     if type(stream) is not int:
         stream = fields.nats(stream, f"{at}.stream")
     ids = fields.nats(fields.get(doc, "fqn", f"{at}.fqn"), f"{at}.fqn", len(names))
-    chunks = fields.list(doc, "chunk", f"{at}.chunk")
-    for k, chunk in enumerate(chunks):
-        if chunk is not None:
-            fields.nats(chunk, f"{at}.chunk[{k}]")
+    chunks = fields.list(doc, "chunk", f"{at}.chunk")  # each checked by _add_chunks
     hashes = doc.get("xxh3")
     columns = {
         "chunk": chunks,
@@ -464,8 +461,9 @@ def _add_chunks(
 ) -> None:
     """Rebuild every tensor's chunk list from the items (the manifest stores each chunk once,
     with its item), checking each item against its value: the kind, the chunk inside the
-    tensor, its length that of the chunk's elements."""
+    tensor, its length that of the chunk's elements (checked once per distinct chunk)."""
     sizes = _SizeCache()
+    lengths: dict[tuple[torch.Size, torch.Size, torch.Size, torch.dtype], int] = {}
     for t, table in enumerate(items):
         for k, (fqn, chunk, length) in enumerate(
             zip(table.fqns, table.chunks, table.lengths, strict=True)
@@ -482,23 +480,31 @@ def _add_chunks(
                     f"stored as {'a value' if chunk is None else 'a tensor chunk'} but described otherwise",
                 )
             half = len(md.size)
-            offsets, shape = chunk[:half], chunk[half:]
-            if len(chunk) != 2 * half or any(
-                o + n > d for o, n, d in zip(offsets, shape, md.size, strict=True)
-            ):
-                fields.fail(
-                    at, f"chunk {chunk} (offsets, then sizes) does not lie in size {list(md.size)}"
-                )
-            if length != math.prod(shape) * md.properties.dtype.itemsize:
+            if len(chunk) != 2 * half:
+                fields.fail(at, f"{len(chunk)} bounds for {half} dimensions")
+            offsets, shape = (
+                _shape(sizes, chunk[:half], at, fields),
+                _shape(sizes, chunk[half:], at, fields),
+            )
+            key = (offsets, shape, md.size, md.properties.dtype)
+            want = lengths.get(key)
+            if want is None:
+                if any(o + n > d for o, n, d in zip(offsets, shape, md.size, strict=True)):
+                    fields.fail(
+                        at, f"chunk {chunk} (offsets, sizes) is not inside size {list(md.size)}"
+                    )
+                want = lengths[key] = math.prod(shape) * md.properties.dtype.itemsize
+            if length != want:
                 fields.fail(
                     f"items[{t}].length[{k}] (tensors[{fqn!r}])",
-                    f"{length} bytes for a chunk of {shape} {_name(md.properties.dtype)} elements",
+                    f"{length} bytes for a chunk of {list(shape)} {_name(md.properties.dtype)} elements",
                 )
-            md.chunks.append(ChunkStorageMetadata(sizes(offsets), sizes(shape)))
+            md.chunks.append(ChunkStorageMetadata(offsets, shape))
 
 
 class _SizeCache:
-    """``torch.Size`` per distinct shape: shapes repeat, and building a Size is slow."""
+    """``torch.Size`` per distinct shape: shapes repeat, and building (and checking) a Size
+    is slow."""
 
     def __init__(self) -> None:
         self._sizes: dict[tuple[int, ...], torch.Size] = {}
@@ -507,10 +513,19 @@ class _SizeCache:
         key = tuple(values)
         found = self._sizes.get(key)
         if found is None:
-            if not all(isinstance(v, int) for v in key):
-                raise ValueError(f"{list(values)} is not a list of integers")
+            if not all(type(v) is int and 0 <= v < INT_END for v in key):
+                raise ValueError(f"{list(values)} is not a list of integers in [0, 2^63)")
             found = self._sizes[key] = torch.Size(key)
         return found
+
+
+def _shape(sizes: _SizeCache, values: Any, field: str, fields: _Fields) -> torch.Size:
+    if type(values) is not list:
+        fields.fail(field, f"{values!r} is not a list of sizes")
+    try:
+        return sizes(values)
+    except ValueError as exc:
+        fields.fail(field, str(exc))
 
 
 def _name(value: Any) -> str:
@@ -574,6 +589,7 @@ def _decode_state_dict_metadata(
     if not isinstance(tensors, dict):
         fields.fail("tensors", "not a map of names")
     out: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
+    sizes = _SizeCache()
     for fqn, entry in tensors.items():
         if entry == "bytes":
             out[fqn] = BytesStorageMetadata()
@@ -582,9 +598,7 @@ def _decode_state_dict_metadata(
         if not (isinstance(entry, list) and len(entry) == 2):
             fields.fail(at, 'not "bytes" or [props index, size]')
         index = fields.nat(entry[0], f"{at} props index", len(props))
-        out[fqn] = TensorStorageMetadata(
-            props[index], torch.Size(fields.nats(entry[1], f"{at} size")), []
-        )
+        out[fqn] = TensorStorageMetadata(props[index], _shape(sizes, entry[1], at, fields), [])
     return out, list(out)
 
 

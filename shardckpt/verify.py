@@ -11,6 +11,7 @@ instead of read twice.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -62,14 +63,17 @@ def verify_checkpoint(store: ObjectStore, layout: Layout, *, num_threads: int = 
             if info.size != obj.size:
                 return f"size {info.size}, manifest says {obj.size}", []
             checksum, sums = 0, [0] * len(mine)
+            ends = [at + n for _, at, n in mine]  # ascending: the pieces are disjoint
             for start in range(0, obj.size, _READ_CHUNK):
                 chunk = empty_bytes(min(_READ_CHUNK, obj.size - start))
                 store.get_into(key, start, [chunk])
                 checksum = crc32c(chunk, checksum)
-                for i, (_, at, n) in enumerate(mine):
-                    lo, hi = max(at, start), min(at + n, start + len(chunk))
-                    if lo < hi:
-                        sums[i] = crc32c(chunk[lo - start : hi - start], sums[i])
+                end = start + len(chunk)
+                i = bisect_right(ends, start)  # the first piece that ends in this chunk or later
+                while i < len(mine) and mine[i][1] < end:
+                    lo, hi = max(mine[i][1], start), min(ends[i], end)
+                    sums[i] = crc32c(chunk[lo - start : hi - start], sums[i])
+                    i += 1
             if checksum != obj.crc32c:
                 return f"CRC32C {checksum:#010x}, manifest says {obj.crc32c:#010x}", []
         except StoreError as exc:
@@ -88,8 +92,9 @@ def verify_checkpoint(store: ObjectStore, layout: Layout, *, num_threads: int = 
         for (where, _, n), value in zip(mine, piece_sums, strict=True):
             sums[where].append((value, n))
     for where, (fqn, expected) in ranges.items():
-        actual = 0
-        for value, n in sums[where]:
+        pieces = sums[where]
+        actual = pieces[0][0] if pieces else 0
+        for value, n in pieces[1:]:
             actual = crc32c_combine(actual, value, n)
         if where in damaged or actual == expected:
             continue
