@@ -34,10 +34,9 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
-from shardckpt.layout import Layout
-from shardckpt.manifest import Manifest, ObjectRecord, RankItems, StreamRecord
+from shardckpt.layout import Layout, new_attempt_id
+from shardckpt.manifest import Manifest, ObjectRecord, RankItems, StreamRecord, read_manifest
 from shardckpt.planner import UNCHANGED, ShardSavePlanner
-from shardckpt.reader import read_manifest
 from shardckpt.store import LocalStore
 from shardckpt.writer import RankReport, WriterOptions, build_manifest, commit
 
@@ -80,15 +79,26 @@ def report(rank: int, plan: SavePlan, object_size: int) -> RankReport:
         offsets.append(total)
         lengths.append(chunk.sizes.numel() * 4)
         total += lengths[-1]
-    layout = Layout(fanout=0)
+    layout, attempt = Layout(fanout=0), new_attempt_id()
     objects = tuple(
         ObjectRecord(
-            layout.data_name("attempt-sim", rank, i), min(object_size, total - i * object_size), 0
+            layout.data_name(attempt, rank, i), min(object_size, total - i * object_size), 0
         )
         for i in range(-(-total // object_size))
     )
     items = RankItems(rank, -1, fqns, chunks, offsets, lengths, [0] * len(fqns))
     return RankReport(StreamRecord(rank, object_size, objects), items)
+
+
+def place_objects(root: str, reports: list[RankReport]) -> None:
+    """Sparse files standing for the ranks' uploaded objects: the commit checks that every
+    object it names exists with its size."""
+    for report in reports:
+        for obj in report.stream.objects:
+            path = os.path.join(root, obj.key)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.truncate(obj.size)
 
 
 def phase(name: str, out: dict[str, Any], fn: Callable[[], Any]) -> Any:
@@ -136,10 +146,13 @@ def simulate(
     results = phase("gather_reports", out, lambda: unpickle_all(blobs))
     results = [[WriteResult(MetadataIndex("report"), 0, r)] for r in results]
 
+    root = os.path.join(tmp, f"w{world}")
+    place_objects(root, reports)
+
     def build_and_commit() -> Manifest:
         manifest = build_manifest(metadata, results, {})
         commit(
-            LocalStore(os.path.join(tmp, f"w{world}"), fsync=False),
+            LocalStore(root, fsync=False),
             Layout(),
             manifest,
             overwrite=True,
@@ -147,7 +160,7 @@ def simulate(
         return manifest
 
     manifest = phase("commit", out, build_and_commit)
-    store = LocalStore(os.path.join(tmp, f"w{world}"))
+    store = LocalStore(root)
     out["manifest_mib"] = store.head(Layout().manifest_key).size / MiB  # type: ignore[union-attr]
     out["parsed_items"] = len(phase("parse", out, lambda: read_manifest(store, Layout()).locations))
     out["plan_and_commit_s"] = out["global_plan_s"] + out["commit_s"]

@@ -31,9 +31,8 @@ from shardckpt.errors import (
 )
 from shardckpt.gc import collect_garbage
 from shardckpt.layout import Layout
-from shardckpt.manifest import Manifest, ObjectRecord
+from shardckpt.manifest import Manifest, ObjectRecord, read_manifest
 from shardckpt.mirror import add_mirror_command
-from shardckpt.reader import read_manifest
 from shardckpt.single import load as load_single
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.store.base import gather
@@ -76,13 +75,18 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _store(args: argparse.Namespace, uri: str) -> ObjectStore:
+def _store_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The store options of the common arguments."""
     options = {
         k: getattr(args, k)
         for k in ("endpoint", "region", "profile", "transport")
         if getattr(args, k)
     }
-    return open_store(uri, **options, **timeout_options(args.timeout))
+    return {**options, **timeout_options(args.timeout)}
+
+
+def _store(args: argparse.Namespace, uri: str) -> ObjectStore:
+    return open_store(uri, **_store_options(args))
 
 
 def _output_file(path: str) -> str:
@@ -175,6 +179,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     store = _store(args, args.uri)
     layout = _checkpoint_layout(store, args.step)
+    # A manifest a load would refuse: one `shardckpt: error:` line naming why (main), exit 1.
     report = verify_checkpoint(store, layout, num_threads=args.threads)
     for uri, problem in sorted(report.problems.items()):
         print(f"DAMAGED {uri}: {problem}")
@@ -209,12 +214,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     store = _store(args, args.uri)
     layout = _checkpoint_layout(store, args.step)
-    options = {
-        k: getattr(args, k)
-        for k in ("endpoint", "region", "profile", "transport")
-        if getattr(args, k)
-    }
-    state = load_single(store.uri(layout.prefix), trusted=args.trusted, **options)
+    state = load_single(store.uri(layout.prefix), trusted=args.trusted, **_store_options(args))
     if args.out.endswith(".safetensors"):
         try:
             from safetensors.torch import save_file

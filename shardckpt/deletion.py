@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 from shardckpt.catalog import CheckpointEntry, find_checkpoints
 from shardckpt.errors import CheckpointNotFoundError, IncompleteCheckpointError, ManifestError
 from shardckpt.layout import DCP_MARKER, Layout, is_own_key, is_temp_key
-from shardckpt.manifest import Manifest
-from shardckpt.reader import read_manifest
+from shardckpt.manifest import Manifest, read_manifest
 from shardckpt.store.base import ObjectInfo, ObjectStore, PendingUpload
 
 logger = logging.getLogger(__name__)

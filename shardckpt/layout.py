@@ -27,12 +27,15 @@ MANIFEST_NAME = "manifest.json"
 ATTEMPT_MARK = "attempt-"
 DCP_MARKER = ".metadata"  # DCP's own commit point (FileSystemWriter; what `mirror` uploads)
 
-# The exact names shardckpt writes, and so the only ones it may ever delete (deletion.py):
-# a data object's name relative to its checkpoint, as data_name makes it, and a temporary
-# file of the local store (".<name>.tmp-shardckpt-<uuid4 hex>", store/local.py).
-_DATA_NAME = re.compile(
-    rf"(?:[0-9a-f]{{3}}/)?{ATTEMPT_MARK}[0-9a-f]{{16}}/rank(?:0|[1-9][0-9]*)-(?:[0-9]{{6}}|[1-9][0-9]{{6,}})"
+# The exact names this layout makes: the only ones a manifest may use, and so the only ones
+# shardckpt may ever delete (deletion.py). A data object's name relative to its checkpoint
+# (``data_name``; groups: rank, sequence number), a Checkpointer step's name
+# (``catalog.step_name``, the only sibling a stream's home may be), and a temporary file of
+# the local store (".<name>.tmp-shardckpt-<uuid4 hex>", store/local.py).
+DATA_NAME = re.compile(
+    rf"(?:[0-9a-f]{{3}}/)?{ATTEMPT_MARK}[0-9a-f]{{16}}/rank(0|[1-9][0-9]*)-([0-9]{{6}}|[1-9][0-9]{{6,}})"
 )
+STEP_NAME = re.compile(r"step-(?:[0-9]{10}|[1-9][0-9]{10,})")
 _TEMP_NAME = re.compile(rf"(?:.*/)?\.[^/]+{re.escape(_TMP_MARK)}[0-9a-f]{{32}}")
 
 
@@ -86,20 +89,21 @@ class Layout:
             name = f"{int.from_bytes(digest, 'big') % self.fanout:03x}/{name}"
         return name
 
+    @property
+    def name(self) -> str:
+        """The checkpoint's name under its parent ("" when it is the root of its store)."""
+        return self.prefix.rsplit("/", 1)[-1]
+
     def resolve(self, name: str, home: str = "") -> str:
-        """The store key of ``name`` from a manifest, refusing names that could leave the
-        checkpoint (absolute, empty, '.' or '..' segments) or shadow its manifest. With
-        ``home``, ``name`` belongs to that sibling checkpoint (a reused stream)."""
-        parts = name.split("/")
-        if (
-            not name
-            or any(p in ("", ".", "..") for p in parts)
-            or name == MANIFEST_NAME
-            or "\\" in name
-        ):
+        """The store key of ``name`` from a manifest, refusing a name this layout does not
+        make (so nothing outside the checkpoint). With ``home``, ``name`` belongs to that
+        sibling step (a stream an incremental save reuses)."""
+        if not DATA_NAME.fullmatch(name):
             raise ValueError(f"object name {name!r} is not inside the checkpoint")
         if not home:
             return self.key(name)
+        if not STEP_NAME.fullmatch(home) or home == self.name:
+            raise ManifestError(f"stream home {home!r} is not the name of a sibling step")
         if not self.prefix:
             raise ManifestError(
                 f"object {name!r} belongs to sibling checkpoint {home!r} (an incremental save), "
@@ -116,7 +120,7 @@ class Layout:
         name = key.removeprefix(self.data_prefix)
         if self.prefix and name == key:
             return False
-        return name == MANIFEST_NAME or _DATA_NAME.fullmatch(name) is not None
+        return name == MANIFEST_NAME or DATA_NAME.fullmatch(name) is not None
 
     def object_keys(self, streams: Iterable[Any]) -> list[str]:
         """The store keys of every object of ``streams`` (a manifest's StreamRecords)."""

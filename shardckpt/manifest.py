@@ -3,17 +3,23 @@
 It is JSON (never a pickle, so a manifest from an untrusted bucket cannot run code) holding a
 format version, the world size, creation time, DCP's ``Metadata`` (tensor shapes, dtypes,
 chunks, planner data), where every saved item lives, and every data object's size and CRC32C.
+
+Version 3 ends with the CRC32C of the rest (``seal``), so a flipped bit is reported as such;
+version 2 (no checksum) is still read. Either way every field is checked on its own and
+against the others (``_manifest_check.py``) before anything allocates or requests by it.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from torch.distributed.checkpoint.metadata import (
@@ -26,12 +32,24 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from shardckpt._bytes import crc32c
 from shardckpt._gc import gc_paused
-from shardckpt.errors import ManifestError
-from shardckpt.layout import MANIFEST_NAME
+from shardckpt._manifest_check import INT_END, check_manifest
+from shardckpt.errors import (
+    CheckpointNotFoundError,
+    IncompleteCheckpointError,
+    ManifestError,
+    ObjectNotFoundError,
+)
+from shardckpt.layout import Layout
+
+if TYPE_CHECKING:
+    from shardckpt.store import ObjectStore
 
 FORMAT = "shardckpt"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READ_VERSIONS = (2, 3)
+SEAL_FIELD = "manifest_crc32c"
 
 
 @dataclass(frozen=True)
@@ -188,7 +206,7 @@ class Manifest:
             ) from None
         doc = {
             "format": FORMAT,
-            "version": self.version,
+            "version": FORMAT_VERSION,
             "world_size": self.world_size,
             "created": self.created,
             "attributes": self.attributes,
@@ -209,19 +227,22 @@ class Manifest:
             ],
             "items": items,
         }
-        return json.dumps(doc, separators=(",", ":")).encode()
+        return seal(json.dumps(doc, separators=(",", ":")).encode())
 
     @classmethod
     def from_json(cls, data: bytes, uri: str) -> Manifest:
-        """Parse a manifest, raising :class:`ManifestError` naming ``uri`` on any problem."""
+        """Parse a manifest, raising :class:`ManifestError` naming ``uri`` (and the field) on
+        any problem: a checksum that does not match, a field of the wrong type or range, or
+        fields that disagree with each other (``_manifest_check.py``)."""
         with gc_paused():
             return cls._from_json(data, uri)
 
     @classmethod
     def _from_json(cls, data: bytes, uri: str) -> Manifest:
+        sealed = _check_seal(data, uri)
         try:
             doc = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise ManifestError(
                 f"{uri} is not a shardckpt manifest: invalid JSON ({exc})"
             ) from None
@@ -230,107 +251,260 @@ class Manifest:
                 f"{uri} is not a shardckpt manifest (no 'format': '{FORMAT}' field)"
             )
         version = doc.get("version")
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version not in READ_VERSIONS:
             raise ManifestError(
-                f"{uri} has manifest version {version!r}; this shardckpt reads version {FORMAT_VERSION} "
-                "(upgrade shardckpt to read newer checkpoints)"
+                f"{uri} has manifest version {version!r}; this shardckpt reads versions "
+                f"{' and '.join(map(str, READ_VERSIONS))} (upgrade shardckpt to read newer checkpoints)"
             )
+        fields = _Fields(uri)
+        if version >= 3 and not sealed:
+            fields.fail(SEAL_FIELD, "missing: a version 3 manifest is sealed by its checksum")
         try:
-            streams = [
-                StreamRecord(
-                    int(s["rank"]),
-                    int(s["object_size"]),
-                    tuple(ObjectRecord(str(k), int(n), int(c)) for k, n, c in s["objects"]),
-                    check_home(s.get("home", "")),
-                )
-                for s in doc["streams"]
-            ]
-            state_dict_metadata, names = _decode_state_dict_metadata(doc)
-            items = [_decode_items(t, names, len(streams)) for t in doc["items"]]
-            _add_chunks(state_dict_metadata, items)
-            metadata = Metadata(
-                state_dict_metadata=state_dict_metadata,
-                planner_data=_decode_plain(doc["planner_data"]),
-                storage_meta=None
-                if doc["storage_meta"] is None
-                else StorageMeta(**doc["storage_meta"]),
-                version=doc["dcp_version"],
-            )
-            return cls(
-                metadata,
-                streams,
-                items,
-                int(doc["world_size"]),
-                float(doc["created"]),
-                dict(doc["attributes"]),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-            raise ManifestError(
-                f"{uri} is a corrupt manifest: {type(exc).__name__}: {exc}"
+            manifest, names = cls._decode(doc, version, fields)
+        except RecursionError:
+            fields.fail("planner_data", "nested too deeply")
+        check_manifest(manifest, names, fields.fail)
+        return manifest
+
+    @classmethod
+    def _decode(
+        cls, doc: dict[str, Any], version: int, fields: _Fields
+    ) -> tuple[Manifest, list[str]]:
+        """Every field of ``doc``, type- and range-checked on its own."""
+        world_size = fields.nat(fields.get(doc, "world_size"), "world_size")
+        if world_size == 0:
+            fields.fail("world_size", "0")
+        streams = _decode_streams(fields.list(doc, "streams"), fields)
+        state_dict_metadata, names = _decode_state_dict_metadata(doc, fields)
+        items = [
+            _decode_items(t, f"items[{i}]", names, fields)
+            for i, t in enumerate(fields.list(doc, "items"))
+        ]
+        _add_chunks(state_dict_metadata, items, fields)
+        created = fields.get(doc, "created")
+        if type(created) is not float and not (type(created) is int and abs(created) < INT_END):
+            fields.fail("created", f"{created!r} is not a time")
+        attributes = fields.get(doc, "attributes")
+        if not isinstance(attributes, dict):
+            fields.fail("attributes", f"{attributes!r} is not a map")
+        dcp_version = fields.get(doc, "dcp_version")
+        if not (dcp_version is None or isinstance(dcp_version, str)):
+            fields.fail("dcp_version", f"{dcp_version!r} is not a version")
+        metadata = Metadata(
+            state_dict_metadata=state_dict_metadata,
+            planner_data=_decode_plain(fields.get(doc, "planner_data")),
+            storage_meta=_decode_storage_meta(fields.get(doc, "storage_meta"), fields),
+            version=dcp_version,
+        )
+        manifest = cls(metadata, streams, items, world_size, float(created), attributes, version)
+        return manifest, names
+
+
+def read_manifest(store: ObjectStore, layout: Layout) -> Manifest:
+    """Fetch and parse the manifest of the checkpoint at ``layout`` in ``store``.
+
+    Raises :class:`CheckpointNotFoundError` if nothing is there,
+    :class:`IncompleteCheckpointError` if data but no manifest is, :class:`ManifestError` if
+    the manifest is unusable: corrupt, of an unknown version, with fields that disagree, or
+    naming objects outside the checkpoint (a stream's home may name only a sibling step).
+    """
+    key = layout.manifest_key
+    try:
+        data = store.get(key)
+    except ObjectNotFoundError:
+        if next(iter(store.list(layout.data_prefix)), None) is not None:
+            raise IncompleteCheckpointError(
+                f"{store.uri(layout.prefix)} has data but no manifest: the save never committed "
+                "(it crashed or is still running); `shardckpt gc` removes such data"
             ) from None
+        raise CheckpointNotFoundError(f"no checkpoint at {store.uri(layout.prefix)}") from None
+    manifest = Manifest.from_json(data, store.uri(key))
+    for i, stream in enumerate(manifest.streams):
+        if stream.home and stream.home == layout.name:
+            raise ManifestError(
+                f"{store.uri(key)} is a corrupt manifest: streams[{i}].home: {stream.home!r} is "
+                "this checkpoint itself, not a sibling"
+            )
+    return manifest
 
 
-def _decode_items(doc: dict[str, Any], names: list[str], streams: int) -> RankItems:
-    stream = doc["stream"]
-    used = _naturals(stream, "streams") if isinstance(stream, list) else [int(stream)]
-    if used and not (0 <= min(used) and max(used) < streams):
-        raise ValueError(f"rank {doc['rank']}'s items are in a stream that is not listed")
-    ids = _naturals(doc["fqn"], "names")
-    if ids and max(ids) >= len(names):
-        raise ValueError(f"rank {doc['rank']}'s items name value {max(ids)} of {len(names)}")
+def seal(body: bytes) -> bytes:
+    """``body`` (a manifest's JSON object) with its CRC32C added as the last field: a
+    flipped bit anywhere in a manifest is then found before any field of it is used."""
+    return body[:-1] + b',"%s":"%08x"}' % (SEAL_FIELD.encode(), crc32c(memoryview(body)))
+
+
+_SEAL = re.compile(rb',"' + SEAL_FIELD.encode() + rb'":"([0-9a-f]{8})"\}')
+_SEAL_LENGTH = len(seal(b"{}")) - 1
+_SEALED_HEAD = b'{"format":"%s","version":3,' % FORMAT.encode()
+
+
+def _check_seal(data: bytes, uri: str) -> bool:
+    """Whether ``data`` ends with a seal (version 3); raise if the seal does not match the
+    body before it, or if a sealed manifest's seal is damaged beyond recognition."""
+    found = _SEAL.fullmatch(data, max(0, len(data) - _SEAL_LENGTH))
+    if found is None:
+        if data.startswith(_SEALED_HEAD):
+            raise ManifestError(
+                f"{uri} is a corrupt manifest: checksum mismatch: its {SEAL_FIELD} (the last "
+                "field) is missing or damaged"
+            )
+        return False
+    recorded = int(found.group(1), 16)
+    actual = crc32c(memoryview(data[: found.start()] + b"}"))
+    if actual != recorded:
+        raise ManifestError(
+            f"{uri} is a corrupt manifest: checksum mismatch: the CRC32C of its body is "
+            f"{actual:#010x}, its {SEAL_FIELD} says {recorded:#010x} (a flipped bit or an edit)"
+        )
+    return True
+
+
+class _Fields:
+    """Reading a manifest document field by field: each problem is one :class:`ManifestError`
+    naming the manifest and the field (as ``streams[2].objects[0]``)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def fail(self, field: str, problem: str) -> NoReturn:
+        raise ManifestError(f"{self.uri} is a corrupt manifest: {field}: {problem}")
+
+    def get(self, doc: Any, key: str, field: str = "") -> Any:
+        if not isinstance(doc, dict) or key not in doc:
+            self.fail(field or key, "missing")
+        return doc[key]
+
+    def list(self, doc: Any, key: str, field: str = "") -> list[Any]:
+        value = self.get(doc, key, field)
+        if not isinstance(value, list):
+            self.fail(field or key, "not a list")
+        return value
+
+    def nat(self, value: Any, field: str, end: int = INT_END) -> int:
+        """``value``, an int in [0, ``end``) (by default, one that fits an int64)."""
+        if type(value) is not int or not 0 <= value < end:
+            self.fail(field, f"{value!r} is not an integer in [0, {end})")
+        return value
+
+    def nats(self, values: Any, field: str, end: int = INT_END) -> list[int]:
+        """``values``, a list of ints in [0, ``end``)."""
+        if not isinstance(values, list):
+            self.fail(field, "not a list")
+        if not set(map(type, values)) <= {int} or (
+            values and not (min(values) >= 0 and max(values) < end)
+        ):
+            i = next(i for i, v in enumerate(values) if type(v) is not int or not 0 <= v < end)
+            self.nat(values[i], f"{field}[{i}]", end)
+        return values
+
+
+def _decode_streams(docs: list[Any], fields: _Fields) -> list[StreamRecord]:
+    streams = []
+    for i, s in enumerate(docs):
+        at = f"streams[{i}]"
+        objects = []
+        for j, o in enumerate(fields.list(s, "objects", f"{at}.objects")):
+            where = f"{at}.objects[{j}]"
+            if not (isinstance(o, list) and len(o) == 3 and isinstance(o[0], str)):
+                fields.fail(where, "not [key, size, CRC32C]")
+            size, crc = (
+                fields.nat(o[1], f"{where} size"),
+                fields.nat(o[2], f"{where} CRC32C", 1 << 32),
+            )
+            objects.append(ObjectRecord(o[0], size, crc))
+        home = s.get("home", "")
+        if not isinstance(home, str):
+            fields.fail(f"{at}.home", f"{home!r} is not a name")
+        rank = fields.nat(fields.get(s, "rank", f"{at}.rank"), f"{at}.rank")
+        object_size = fields.nat(
+            fields.get(s, "object_size", f"{at}.object_size"), f"{at}.object_size"
+        )
+        streams.append(StreamRecord(rank, object_size, tuple(objects), home))
+    return streams
+
+
+def _decode_items(doc: Any, at: str, names: list[str], fields: _Fields) -> RankItems:
+    stream = fields.get(doc, "stream", f"{at}.stream")
+    if type(stream) is not int:
+        stream = fields.nats(stream, f"{at}.stream")
+    ids = fields.nats(fields.get(doc, "fqn", f"{at}.fqn"), f"{at}.fqn", len(names))
+    chunks = fields.list(doc, "chunk", f"{at}.chunk")  # each checked by _add_chunks
+    hashes = doc.get("xxh3")
+    columns = {
+        "chunk": chunks,
+        "offset": fields.nats(fields.get(doc, "offset", f"{at}.offset"), f"{at}.offset"),
+        "length": fields.nats(fields.get(doc, "length", f"{at}.length"), f"{at}.length"),
+        "crc32c": fields.nats(fields.get(doc, "crc32c", f"{at}.crc32c"), f"{at}.crc32c", 1 << 32),
+        "xxh3": None if hashes is None else fields.nats(hashes, f"{at}.xxh3", 1 << 64),
+        "stream": stream,
+    }
+    for key, column in columns.items():
+        if isinstance(column, list) and len(column) != len(ids):
+            fields.fail(f"{at}.{key}", f"{len(column)} entries for {len(ids)} items")
     return RankItems(
-        int(doc["rank"]),
+        fields.nat(fields.get(doc, "rank", f"{at}.rank"), f"{at}.rank"),
         stream,
         [names[i] for i in ids],
-        doc["chunk"],
-        _naturals(doc["offset"], "offsets"),
-        _naturals(doc["length"], "lengths"),
-        _naturals(doc["crc32c"], "checksums"),
-        None if doc.get("xxh3") is None else _naturals(doc["xxh3"], "hashes"),
+        chunks,
+        columns["offset"],
+        columns["length"],
+        columns["crc32c"],
+        columns["xxh3"],
     )
-
-
-def check_home(home: Any) -> str:
-    """A stream's home: "" or one plain name (a sibling checkpoint), never a path."""
-    if not isinstance(home, str) or (
-        home and ("/" in home or "\\" in home or home in (".", "..") or home == MANIFEST_NAME)
-    ):
-        raise ValueError(f"stream home {home!r} is not the name of a sibling checkpoint")
-    return home
-
-
-def _naturals(values: Any, what: str) -> list[int]:
-    if not isinstance(values, list) or not all(type(v) is int and v >= 0 for v in values):
-        raise ValueError(f"item {what} are not a list of non-negative integers")
-    return values
 
 
 def _add_chunks(
     state_dict_metadata: dict[str, TensorStorageMetadata | BytesStorageMetadata],
     items: list[RankItems],
+    fields: _Fields,
 ) -> None:
     """Rebuild every tensor's chunk list from the items (the manifest stores each chunk once,
-    with its item)."""
+    with its item), checking each item against its value: the kind, the chunk inside the
+    tensor, its length that of the chunk's elements (checked once per distinct chunk)."""
     sizes = _SizeCache()
-    for table in items:
-        for fqn, chunk in zip(table.fqns, table.chunks, strict=True):
+    lengths: dict[tuple[torch.Size, torch.Size, torch.Size, torch.dtype], int] = {}
+    for t, table in enumerate(items):
+        for k, (fqn, chunk, length) in enumerate(
+            zip(table.fqns, table.chunks, table.lengths, strict=True)
+        ):
             md = state_dict_metadata[fqn]
+            at = f"items[{t}].chunk[{k}] (tensors[{fqn!r}])"
             if isinstance(md, BytesStorageMetadata) or chunk is None:
                 if isinstance(md, BytesStorageMetadata) and chunk is None:
+                    if length == 0:  # a serialized value is never empty
+                        fields.fail(f"items[{t}].length[{k}] ({fqn!r})", "0 bytes for a value")
                     continue
-                raise ValueError(
-                    f"{fqn!r} is stored as {'a value' if chunk is None else 'a tensor chunk'} but described otherwise"
+                fields.fail(
+                    at,
+                    f"stored as {'a value' if chunk is None else 'a tensor chunk'} but described otherwise",
                 )
             half = len(md.size)
             if len(chunk) != 2 * half:
-                raise ValueError(
-                    f"a chunk of {fqn!r} has {len(chunk)} bounds for {half} dimensions"
+                fields.fail(at, f"{len(chunk)} bounds for {half} dimensions")
+            offsets, shape = (
+                _shape(sizes, chunk[:half], at, fields),
+                _shape(sizes, chunk[half:], at, fields),
+            )
+            key = (offsets, shape, md.size, md.properties.dtype)
+            want = lengths.get(key)
+            if want is None:
+                if any(o + n > d for o, n, d in zip(offsets, shape, md.size, strict=True)):
+                    fields.fail(
+                        at, f"chunk {chunk} (offsets, sizes) is not inside size {list(md.size)}"
+                    )
+                want = lengths[key] = math.prod(shape) * md.properties.dtype.itemsize
+            if length != want:
+                fields.fail(
+                    f"items[{t}].length[{k}] (tensors[{fqn!r}])",
+                    f"{length} bytes for a chunk of {list(shape)} {_name(md.properties.dtype)} elements",
                 )
-            md.chunks.append(ChunkStorageMetadata(sizes(chunk[:half]), sizes(chunk[half:])))
+            md.chunks.append(ChunkStorageMetadata(offsets, shape))
 
 
 class _SizeCache:
-    """``torch.Size`` per distinct shape: shapes repeat, and building a Size is slow."""
+    """``torch.Size`` per distinct shape: shapes repeat, and building (and checking) a Size
+    is slow."""
 
     def __init__(self) -> None:
         self._sizes: dict[tuple[int, ...], torch.Size] = {}
@@ -339,10 +513,19 @@ class _SizeCache:
         key = tuple(values)
         found = self._sizes.get(key)
         if found is None:
-            if not all(isinstance(v, int) for v in key):
-                raise ValueError(f"{list(values)} is not a list of integers")
+            if not all(type(v) is int and 0 <= v < INT_END for v in key):
+                raise ValueError(f"{list(values)} is not a list of integers in [0, 2^63)")
             found = self._sizes[key] = torch.Size(key)
         return found
+
+
+def _shape(sizes: _SizeCache, values: Any, field: str, fields: _Fields) -> torch.Size:
+    if type(values) is not list:
+        fields.fail(field, f"{values!r} is not a list of sizes")
+    try:
+        return sizes(values)
+    except ValueError as exc:
+        fields.fail(field, str(exc))
 
 
 def _name(value: Any) -> str:
@@ -372,36 +555,68 @@ def _encode_state_dict_metadata(items: dict[str, Any]) -> dict[str, Any]:
     return {"props": [list(k) for k in props], "tensors": tensors}
 
 
-def _torch_attr(name: str, kind: type) -> Any:
+def _torch_attr(name: Any, kind: type, field: str, fields: _Fields) -> Any:
     # Only names of torch dtypes/layouts/memory formats are accepted: nothing else is looked up.
     value = getattr(torch, name, None) if isinstance(name, str) and name.isidentifier() else None
     if not isinstance(value, kind):
-        raise ValueError(f"{name!r} is not a torch {kind.__name__}")
+        fields.fail(field, f"{name!r} is not a torch {kind.__name__}")
     return value
 
 
+def _decode_props(doc: Any, at: str, fields: _Fields) -> TensorProperties:
+    if not (isinstance(doc, list) and len(doc) == 5):
+        fields.fail(at, "not [dtype, layout, requires_grad, memory_format, pin_memory]")
+    dtype, layout, requires_grad, memory_format, pin_memory = doc
+    if not (isinstance(requires_grad, bool) and isinstance(pin_memory, bool)):
+        fields.fail(at, "requires_grad and pin_memory are not booleans")
+    return TensorProperties(
+        dtype=_torch_attr(dtype, torch.dtype, at, fields),
+        layout=_torch_attr(layout, torch.layout, at, fields),
+        requires_grad=requires_grad,
+        memory_format=_torch_attr(memory_format, torch.memory_format, at, fields),
+        pin_memory=pin_memory,
+    )
+
+
 def _decode_state_dict_metadata(
-    doc: dict[str, Any],
+    doc: dict[str, Any], fields: _Fields
 ) -> tuple[dict[str, TensorStorageMetadata | BytesStorageMetadata], list[str]]:
     """The values' descriptions (tensors without their chunks yet), and their names in order."""
     props = [
-        TensorProperties(
-            dtype=_torch_attr(dtype, torch.dtype),
-            layout=_torch_attr(layout, torch.layout),
-            requires_grad=bool(requires_grad),
-            memory_format=_torch_attr(memory_format, torch.memory_format),
-            pin_memory=bool(pin_memory),
-        )
-        for dtype, layout, requires_grad, memory_format, pin_memory in doc["props"]
+        _decode_props(p, f"props[{i}]", fields) for i, p in enumerate(fields.list(doc, "props"))
     ]
+    tensors = fields.get(doc, "tensors")
+    if not isinstance(tensors, dict):
+        fields.fail("tensors", "not a map of names")
     out: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
-    for fqn, entry in doc["tensors"].items():
+    sizes = _SizeCache()
+    for fqn, entry in tensors.items():
         if entry == "bytes":
             out[fqn] = BytesStorageMetadata()
             continue
-        index, shape = entry
-        out[fqn] = TensorStorageMetadata(props[index], torch.Size(shape), [])
+        at = f"tensors[{fqn!r}]"
+        if not (isinstance(entry, list) and len(entry) == 2):
+            fields.fail(at, 'not "bytes" or [props index, size]')
+        index = fields.nat(entry[0], f"{at} props index", len(props))
+        out[fqn] = TensorStorageMetadata(props[index], _shape(sizes, entry[1], at, fields), [])
     return out, list(out)
+
+
+def _decode_storage_meta(doc: Any, fields: _Fields) -> StorageMeta | None:
+    if doc is None:
+        return None
+    if not (
+        isinstance(doc, dict)
+        and set(doc) <= {"checkpoint_id", "save_id", "load_id", "modules"}
+        and all(
+            doc.get(k) is None or isinstance(doc[k], str)
+            for k in ("checkpoint_id", "save_id", "load_id")
+        )
+        and isinstance(doc.get("modules", []), list)
+        and all(isinstance(m, str) for m in doc.get("modules", []))
+    ):
+        fields.fail("storage_meta", "not DCP's storage metadata (ids and module names)")
+    return StorageMeta(**doc)
 
 
 def _encode_storage_meta(meta: StorageMeta) -> dict[str, Any]:
@@ -439,8 +654,10 @@ def _decode_plain(value: Any) -> Any:
     if isinstance(value, dict):
         if set(value) == {"__tuple__"}:
             return tuple(_decode_plain(v) for v in value["__tuple__"])
-        if set(value) == {"__paths__"}:
-            return {k: tuple(v) for k, v in value["__paths__"].items()}
+        if set(value) == {"__paths__"} and isinstance(value["__paths__"], dict):
+            return {
+                k: tuple(v) if isinstance(v, list) else v for k, v in value["__paths__"].items()
+            }
         return {k: _decode_plain(v) for k, v in value.items()}
     return value
 

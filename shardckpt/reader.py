@@ -32,49 +32,24 @@ from torch.distributed.checkpoint.storage import StorageReader
 
 from shardckpt._bytes import byte_view_of, crc32c_of, each_view, empty_bytes
 from shardckpt.errors import (
-    CheckpointNotFoundError,
     ChecksumMismatchError,
-    IncompleteCheckpointError,
     ManifestError,
-    ObjectNotFoundError,
     ShardckptError,
     StateDictMismatchError,
 )
 from shardckpt.layout import Layout
-from shardckpt.manifest import ItemLocation, Manifest, ObjectRecord, StreamRecord
+from shardckpt.manifest import (  # read_manifest: importable from here, as it always was
+    ItemLocation,
+    Manifest,
+    ObjectRecord,
+    StreamRecord,
+    read_manifest,
+)
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.uri import parse_uri
 
 # Ranges of one object closer than this are fetched as one GET (the gap is read and dropped).
 _COALESCE_GAP = 1 << 20
-
-
-def read_manifest(store: ObjectStore, layout: Layout) -> Manifest:
-    """Fetch and parse the manifest of the checkpoint at ``layout`` in ``store``.
-
-    Raises :class:`CheckpointNotFoundError` if nothing is there,
-    :class:`IncompleteCheckpointError` if data but no manifest is, :class:`ManifestError` if
-    the manifest is unusable (including keys that escape the checkpoint's prefix).
-    """
-    key = layout.manifest_key
-    try:
-        data = store.get(key)
-    except ObjectNotFoundError:
-        if next(iter(store.list(layout.data_prefix)), None) is not None:
-            raise IncompleteCheckpointError(
-                f"{store.uri(layout.prefix)} has data but no manifest: the save never committed "
-                "(it crashed or is still running); `shardckpt gc` removes such data"
-            ) from None
-        raise CheckpointNotFoundError(f"no checkpoint at {store.uri(layout.prefix)}") from None
-    manifest = Manifest.from_json(data, store.uri(key))
-    for obj in manifest.objects:
-        try:
-            layout.resolve(obj.key)
-        except ValueError:
-            raise ManifestError(
-                f"{store.uri(key)} names object {obj.key!r}, outside its checkpoint"
-            ) from None
-    return manifest
 
 
 @dataclass
@@ -240,11 +215,19 @@ class ShardReader(StorageReader):
 
     def _fetch(self, destinations: list[_Destination]) -> None:
         """GET every destination's bytes: ranges grouped per object, coalesced, in parallel;
-        then verify each item's CRC32C."""
+        then verify each item's CRC32C. Items with the very same bytes (an incremental save
+        maps equal content to one place) are fetched once and copied."""
         assert self.manifest is not None
         per_object: dict[str, list[tuple[int, memoryview]]] = defaultdict(list)
+        first: dict[tuple[int, int, int], _Destination] = {}
+        copies = []
         for dest in destinations:
+            where = (dest.location.stream, dest.location.offset, dest.location.length)
+            same = first.setdefault(where, dest)
             dest.pieces = self._pieces(dest)
+            if same is not dest:
+                copies.append((dest, same))
+                continue
             home = self._stream(dest).home
             for obj, start, length, at in dest.pieces:
                 per_object[self._layout.resolve(obj.key, home)].append(
@@ -253,6 +236,8 @@ class ShardReader(StorageReader):
         requests = [r for key, ranges in per_object.items() for r in _coalesce(key, ranges)]
         with ThreadPoolExecutor(self.num_threads, thread_name_prefix="shardckpt-read") as pool:
             list(pool.map(lambda r: self.store.get_into(*r), requests))
+        for dest, same in copies:
+            dest.buffer[:] = same.buffer
         self._verify(destinations)
 
     def _receive_shared(
@@ -364,14 +349,14 @@ def _fills_whole(target: torch.Tensor, item: ReadItem, location: ItemLocation) -
 def _coalesce(
     key: str, ranges: list[tuple[int, memoryview]]
 ) -> list[tuple[str, int, list[memoryview]]]:
-    """Turn (offset, view) ranges of one object into few (key, offset, views) requests:
-    neighbours closer than ``_COALESCE_GAP`` share a GET, the gap read into scratch."""
+    """Turn (offset, view) ranges of one object (disjoint: the manifest's checks refuse
+    items that overlap partly, and the same bytes are fetched once) into few (key, offset,
+    views) requests: neighbours closer than ``_COALESCE_GAP`` share a GET, the gap read
+    into scratch."""
     ranges.sort(key=lambda r: r[0])
     requests: list[tuple[str, int, list[memoryview]]] = []
     end = -1
     for start, view in ranges:
-        if requests and start < end:
-            raise ManifestError(f"overlapping items in object {key}")
         if requests and start - end <= _COALESCE_GAP:
             if start > end:
                 requests[-1][2].append(empty_bytes(start - end))

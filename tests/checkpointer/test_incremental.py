@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from shardckpt import Checkpointer, ShardReader
+from shardckpt import Checkpointer, ManifestError, ShardReader
 from shardckpt.catalog import step_name
 from shardckpt.cli import main
 from shardckpt.gc import collect_garbage, retire_checkpoints
@@ -20,6 +20,7 @@ from shardckpt.reader import read_manifest
 from shardckpt.store import RetryPolicy, open_store
 from shardckpt.verify import verify_checkpoint
 from tests.distributed import run_ranks
+from tests.manifest.edit import rewrite_manifest
 from tests.reliability.fault_proxy import FaultProxy, Rule, on
 
 MiB = 1 << 20
@@ -153,3 +154,114 @@ def test_cli_verifies_an_incremental_root_and_names_the_fix_for_one_step(tmp_pat
     assert main(["verify", root]) == 0
     assert main(["verify", f"{root}/{step_name(5)}"]) != 0
     assert "give its parent" in capsys.readouterr().err
+
+
+def _equal_bytes_state(step: int) -> dict[str, Any]:
+    """Items with equal bytes, as real training has them: a model and its AdamW state (every
+    parameter's ``step`` tensor is the same scalar), tied and zero-initialised tensors, and a
+    nested value that differs per step."""
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(model.parameters())
+    for _ in range(step):
+        model(torch.randn(4, 8)).sum().backward()
+        optimizer.step()
+    return {
+        "model": model.state_dict(),
+        "optim": optimizer.state_dict(),
+        "a": torch.ones(4),
+        "b": torch.ones(4),
+        "zeros": [torch.zeros(16), torch.zeros(16)],
+        "extra": {"step": step, "name": "run"},
+    }
+
+
+def _blank(value: Any) -> Any:
+    """The same structure with every tensor and value changed: what a load must overwrite."""
+    if isinstance(value, torch.Tensor):
+        return torch.full_like(value, 3)
+    if isinstance(value, dict):
+        return {k: _blank(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_blank(v) for v in value]
+    return None if isinstance(value, str) else value
+
+
+def _assert_same(got: Any, want: Any) -> None:
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype
+        assert torch.equal(got, want)
+    elif isinstance(want, dict):
+        assert {str(k) for k in got} == {str(k) for k in want}
+        by_name = {str(k): v for k, v in got.items()}
+        for k, v in want.items():
+            _assert_same(by_name[str(k)], v)
+    elif isinstance(want, list | tuple):
+        assert len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            _assert_same(g, w)
+    else:
+        assert got == want
+
+
+def _cli_options(target) -> list[str]:  # type: ignore[no-untyped-def]
+    return [x for k, v in target.options.items() for x in (f"--{k}", str(v))]
+
+
+@pytest.mark.parametrize("target", ["local", "moto-boto3"], indirect=True)
+def test_equal_bytes_items_saved_twice_load_verify_and_export(target, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 13, item 1: two items with the very same bytes in an incremental save share one
+    place; the checkpoint loads bit-exact, verifies and exports (it used to be refused as
+    'overlapping items' while verify said OK)."""
+    root = f"{target.uri}/equal"
+    with Checkpointer(root, incremental=True, **target.options) as ck:
+        ck.save(1, _equal_bytes_state(1)).wait()
+        ck.save(2, _equal_bytes_state(2)).wait()
+        assert ck.history[1].reused_bytes > 0
+        manifest = read_manifest(ck.store, Layout(step_name(2)))
+        places = [(s, o, n) for t in manifest.items for _, _, s, o, n, _, _ in t.rows()]
+        assert len(set(places)) < len(places)  # equal bytes: one place, several items
+        for step in (1, 2):
+            out = _blank(_equal_bytes_state(step))
+            ck.load(out, step=step)
+            _assert_same(out, _equal_bytes_state(step))
+        assert verify_checkpoint(ck.store, Layout(step_name(2))).ok
+    assert main(["verify", root, *_cli_options(target)]) == 0
+    out = str(tmp_path / "export.pt")
+    assert main(["export", root, out, *_cli_options(target)]) == 0
+    exported = torch.load(out)
+    want = _equal_bytes_state(2)
+    _assert_same(exported["model"], want["model"])
+    _assert_same(exported["zeros"], want["zeros"])
+    _assert_same(exported["optim"]["state"], want["optim"]["state"])
+
+
+@pytest.mark.parametrize("target", ["local", "moto-boto3"], indirect=True)
+def test_a_partial_overlap_is_refused_by_load_verify_and_export(target, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Items sharing only part of their bytes are not something a writer makes: load, verify
+    and export refuse the manifest naming the field, before fetching any data."""
+    root = f"{target.uri}/overlap"
+    with Checkpointer(root, incremental=True, **target.options) as ck:
+        ck.save(1, {"a": torch.arange(4.0), "b": torch.arange(4.0) + 4}).wait()
+        ck.save(2, {"a": torch.arange(4.0), "b": torch.arange(4.0) + 4}).wait()
+        key = Layout(step_name(2)).manifest_key
+
+        def overlap(doc: dict[str, Any]) -> None:
+            doc["items"][0]["offset"][1] = doc["items"][0]["offset"][0] + 8  # half of a's bytes
+
+        rewrite_manifest(ck.store, key, overlap)
+        before = ck.store.stats.bytes_got
+        with pytest.raises(ManifestError, match=r"items\[0\]\.offset\[.\].*overlaps") as load:
+            ck.load({"a": torch.zeros(4), "b": torch.zeros(4)}, step=2)
+        assert ck.store.uri(key) in str(load.value)
+        with pytest.raises(ManifestError) as verify:
+            verify_checkpoint(ck.store, Layout(step_name(2)))
+        assert str(verify.value) == str(load.value)
+        assert ck.store.stats.bytes_got - before < 4096  # the manifests only
+    capsys.readouterr()
+    assert main(["verify", root, *_cli_options(target)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("shardckpt: error: ") and "overlaps" in err and err.count("\n") == 1
+    assert main(["export", root, str(tmp_path / "x.pt"), *_cli_options(target)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("shardckpt: error: ") and "overlaps" in err and err.count("\n") == 1

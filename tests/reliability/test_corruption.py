@@ -29,6 +29,7 @@ from shardckpt.devserver import LocalS3Server
 from shardckpt.layout import MANIFEST_NAME, Layout
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.verify import verify_checkpoint
+from tests.manifest.edit import sealed, unsealed
 
 MiB = 1 << 20
 
@@ -126,11 +127,40 @@ def test_verify_refuses_a_bad_manifest(
 ) -> None:  # type: ignore[no-untyped-def]
     store, uri, options = saved
     key = f"ckpt/{MANIFEST_NAME}"
-    new = rewrite(json.loads(store.get(key)))
-    store.put(key, [new.encode() if isinstance(new, str) else json.dumps(new).encode()])
+    new = rewrite(unsealed(store.get(key)))
+    store.put(key, [new.encode() if isinstance(new, str) else sealed(new)])
     with pytest.raises(ManifestError) as info:
         verify_checkpoint(store, Layout("ckpt"))
     assert message in str(info.value) and store.uri(key) in str(info.value)
     with pytest.raises(ManifestError) as load:
         ShardReader(uri, **options).read_metadata()
     assert str(load.value) == str(info.value)
+
+
+def test_verify_checks_every_items_crc32c_as_a_load_does(saved) -> None:  # type: ignore[no-untyped-def]
+    """An item's CRC32C that its bytes contradict (objects intact, manifest re-sealed): a
+    load refuses it, so verify reports it, naming the item and its object; also for an item
+    that spans two objects (its CRC32C combined from the pieces)."""
+    store, uri, options = saved
+    key = f"ckpt/{MANIFEST_NAME}"
+    doc = unsealed(store.get(key))
+    names = list(doc["tensors"])
+    items = doc["items"][0]
+    spanning = next(  # 'b' starts in one 1 MiB object and ends in the next
+        k
+        for k, (o, n) in enumerate(zip(items["offset"], items["length"], strict=True))
+        if o // MiB != (o + n - 1) // MiB
+    )
+    assert verify_checkpoint(store, Layout("ckpt")).ok  # combined CRC32Cs match
+    for k in (spanning, names.index("n.epoch")):
+        edited = json.loads(json.dumps(doc))
+        edited["items"][0]["crc32c"][k] ^= 1
+        store.put(key, [sealed(edited)])
+        fqn = names[edited["items"][0]["fqn"][k]]
+        report = verify_checkpoint(store, Layout("ckpt"))
+        assert not report.ok and len(report.problems) == 1, report.problems
+        ((where, problem),) = report.problems.items()
+        first = edited["items"][0]["offset"][k] // MiB
+        assert where == store.uri(_data_keys(store)[first]) and repr(fqn) in problem
+        err = _load_error(uri, options)
+        assert isinstance(err, ChecksumMismatchError) and fqn in str(err)

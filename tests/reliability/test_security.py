@@ -6,7 +6,6 @@ pickle does not run); and the secret key never shows in logs, errors or manifest
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -31,6 +30,7 @@ from shardckpt.devserver import ACCESS_KEY, SECRET_KEY
 from shardckpt.layout import MANIFEST_NAME, Layout
 from shardckpt.store import ObjectStore, RetryPolicy, open_store
 from shardckpt.verify import verify_checkpoint
+from tests.manifest.edit import rewrite_manifest
 from tests.reliability.conftest import s3_options
 from tests.reliability.fault_proxy import FaultProxy, Rule, on
 from tests.reliability.test_faults import big_state, fault_mix
@@ -55,10 +55,10 @@ def _save(uri: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rewrite_first_object(store: ObjectStore, prefix: str, name: str) -> None:
-    key = f"{prefix}/{MANIFEST_NAME}"
-    doc = json.loads(store.get(key))
-    doc["streams"][0]["objects"][0][0] = name
-    store.put(key, [json.dumps(doc).encode()])
+    def edit(doc: dict[str, Any]) -> None:
+        doc["streams"][0]["objects"][0][0] = name
+
+    rewrite_manifest(store, f"{prefix}/{MANIFEST_NAME}", edit)  # re-sealed: the name is refused
 
 
 @pytest.mark.parametrize("name", ESCAPES)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
@@ -24,6 +23,7 @@ from shardckpt import (
 from shardckpt.layout import MANIFEST_NAME
 from shardckpt.store import ObjectStore
 from tests.conftest import Target, make_target
+from tests.manifest.edit import sealed, unsealed
 from tests.writer.states import assert_same, make_state
 
 
@@ -170,15 +170,15 @@ class _NoPrecheck(ShardWriter):
 def test_bad_manifest_gives_clear_error(saved, content: bytes | None, message: str) -> None:  # type: ignore[no-untyped-def]
     target, store, uri = saved
     key = f"ckpt/{MANIFEST_NAME}"
-    if content is None:
-        doc = json.loads(store.get(key))
+    if content is None:  # an edit, re-sealed: the field checks must catch it
+        doc = unsealed(store.get(key))
         if message == "version 99":
             doc["version"] = 99
         elif message == "corrupt manifest":
             del doc["streams"]
         else:
             doc["streams"][0]["objects"][0][0] = "../../elsewhere/secret"
-        content = json.dumps(doc).encode()
+        content = sealed(doc)
     store.put(key, [content])
     err = _load_error(uri, target.options)
     assert isinstance(err, ManifestError) and message in str(err) and "manifest.json" in str(err)
