@@ -8,6 +8,7 @@ save is in flight, so the collectives of consecutive saves never interleave.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -268,7 +269,8 @@ class Checkpointer:
         stats = SaveStats(step, self.rank, blocked, self.staging.nbytes, snapshot_s=blocked)
         self._known_steps.add(step)  # taken from now on, unless the save fails (see _upload)
         switch = AbortSwitch()
-        future = self._executor.submit(self._upload, step, staged, copied, stats, started, switch)
+        save = functools.partial(self._save_step, step, staged, copied, stats, started, switch)
+        future = self._executor.submit(self._upload, step, switch, save)
         self._pending = SaveHandle(step, future, stats, switch, self.store.uri(step_name(step)))
         return self._pending
 
@@ -282,17 +284,10 @@ class Checkpointer:
             wait, self._snapshot_wait = self._snapshot_wait, None
             wait()
 
-    def _upload(
-        self,
-        step: int,
-        staged: dict[str, Any],
-        copied: Callable[[], None],
-        stats: SaveStats,
-        started: float,
-        switch: AbortSwitch,
-    ) -> None:
+    def _upload(self, step: int, switch: AbortSwitch, save: Callable[[], None]) -> None:
+        """Run ``save`` (the background part of saving ``step``); on failure free the step."""
         try:
-            self._save_step(step, staged, copied, stats, started, switch)
+            save()
         except BaseException as exc:
             self._known_steps.discard(step)  # a failed save leaves its step free to save again
             if switch.event.is_set():  # whatever the abort made fail, DCP's wrapping included
