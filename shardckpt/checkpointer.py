@@ -8,6 +8,7 @@ save is in flight, so the collectives of consecutive saves never interleave.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -27,6 +28,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from shardckpt._abort import AbortSwitch, wait_or_abort
+from shardckpt._quiet import single_process_dcp
 from shardckpt.catalog import committed_steps, step_name
 from shardckpt.deletion import retire_checkpoints
 from shardckpt.errors import (
@@ -320,9 +322,10 @@ class Checkpointer:
             switch,
         )
         try:
-            dcp.save(
-                staged, storage_writer=writer, planner=self._planner, process_group=self._group
-            )
+            with self._dcp_call():
+                dcp.save(
+                    staged, storage_writer=writer, planner=self._planner, process_group=self._group
+                )
         except CheckpointException as exc:
             raise SaveFailedError(
                 f"save of step {step} to {self.store.uri(step_name(step))} failed: {describe_failures(exc)}"
@@ -351,6 +354,10 @@ class Checkpointer:
         _log_stats("save", stats)
         if self.on_stats is not None:
             self.on_stats(stats)
+
+    def _dcp_call(self) -> contextlib.AbstractContextManager[None]:
+        """Around our DCP calls: without a process group they run in one process on purpose."""
+        return single_process_dcp() if self._group is None else contextlib.nullcontext()
 
     def _base_for(self, step: int) -> ContentIndex | None:
         """For an incremental save: the newest committed checkpoint before ``step``, by
@@ -417,7 +424,8 @@ class Checkpointer:
         check_state_dict(state_dict, reader.manifest.metadata, reader.uri)
         started, before = time.perf_counter(), self.store.stats.copy()
         try:
-            dcp.load(state_dict, storage_reader=reader, process_group=self._group)
+            with self._dcp_call():
+                dcp.load(state_dict, storage_reader=reader, process_group=self._group)
         except CheckpointException as exc:
             raise from_dcp(exc, f"load of {reader.uri}", CheckpointError)  # noqa: B904 (has its cause)
         spent = self.store.stats.copy() - before

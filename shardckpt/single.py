@@ -11,7 +11,6 @@ the first lets the save finish, the second aborts it (``shardckpt._abort``).
 from __future__ import annotations
 
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,6 +21,7 @@ from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlan
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from shardckpt._abort import wait_or_abort
+from shardckpt._quiet import single_process_dcp
 from shardckpt.errors import CheckpointError, SaveFailedError, from_dcp
 from shardckpt.reader import ShardReader
 from shardckpt.writer import ShardWriter
@@ -38,8 +38,7 @@ def save(obj: Any, uri: str | os.PathLike[str], **options: Any) -> None:
         else {_WRAPPED: obj}
     )
     writer = ShardWriter(uri, **options)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with single_process_dcp():
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="shardckpt-save") as pool:
                 future = pool.submit(dcp.save, state, storage_writer=writer, no_dist=True)
@@ -57,16 +56,15 @@ def load(
     state: dict[str, Any] = {}
     reader = ShardReader(uri, **options)
     reader.read_metadata()  # a missing or bad manifest: our error, not DCP's AssertionError
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        # dcp.load fills only keys the caller's dict already has; DCP's own consolidation
-        # (format_utils.dcp_to_torch_save) uses this entry point to load everything.
-        try:
-            _load_state_dict(
-                state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True
-            )
-        except CheckpointException as exc:
-            raise from_dcp(exc, f"load of {reader.uri}", CheckpointError)  # noqa: B904 (has its cause)
+    # dcp.load fills only keys the caller's dict already has; DCP's own consolidation
+    # (format_utils.dcp_to_torch_save) uses this entry point to load everything (and, unlike
+    # dcp.load, it does not warn that it runs in one process).
+    try:
+        _load_state_dict(
+            state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True
+        )
+    except CheckpointException as exc:
+        raise from_dcp(exc, f"load of {reader.uri}", CheckpointError)  # noqa: B904 (has its cause)
     if map_location is not None:
         state = _move(state, torch.device(map_location))
     return state[_WRAPPED] if set(state) == {_WRAPPED} else state
