@@ -46,9 +46,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="shardckpt-demo-")
-    env = dict(
-        os.environ, PYTHONWARNINGS="ignore", TORCH_CPP_LOG_LEVEL="ERROR", OMP_NUM_THREADS="1"
-    )
+    env = dict(os.environ, TORCH_CPP_LOG_LEVEL="ERROR", OMP_NUM_THREADS="1")
     server = None
     if args.local:
         root = os.path.join(work, "checkpoints")
