@@ -8,6 +8,8 @@ reach through ``AWS_ENDPOINT_URL`` as a user's program would.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -15,6 +17,7 @@ import sys
 
 import pytest
 
+from shardckpt.checkpointer import LoadStats, SaveStats
 from shardckpt.devserver import LocalS3Server
 
 pytestmark = pytest.mark.slow
@@ -79,10 +82,8 @@ def test_the_readme_has_snippets() -> None:
     assert len(snippets()) >= 4
 
 
-@pytest.mark.parametrize("line, code", snippets(), ids=[f"line{n}" for n, _ in snippets()])
-def test_readme_snippet_runs_as_written(
-    moto: LocalS3Server, tmp_path, line: int, code: str
-) -> None:  # type: ignore[no-untyped-def]
+def _run(moto: LocalS3Server, tmp_path, line: int, code: str) -> str:  # type: ignore[no-untyped-def]
+    """Run one snippet after the prelude; its stderr."""
     try:
         moto.create_bucket(BUCKET)
     except Exception:  # noqa: BLE001 - created by an earlier snippet of this session
@@ -99,3 +100,40 @@ def test_readme_snippet_runs_as_written(
         timeout=300,
     )
     assert done.returncode == 0, f"README.md line {line}:\n{code}\n{done.stderr[-3000:]}"
+    return done.stderr
+
+
+@pytest.mark.parametrize("line, code", snippets(), ids=[f"line{n}" for n, _ in snippets()])
+def test_readme_snippet_runs_as_written(
+    moto: LocalS3Server, tmp_path, line: int, code: str
+) -> None:  # type: ignore[no-untyped-def]
+    _run(moto, tmp_path, line, code)
+
+
+def _section(title: str) -> str:
+    with open(README) as f:
+        return f.read().split(f"\n## {title}\n")[1].split("\n## ")[0]
+
+
+def _figures(stats: type) -> set[str]:
+    """A stats dataclass's fields and GB/s properties: what its JSON log line holds."""
+    return {f.name for f in dataclasses.fields(stats)} | {
+        name for name in vars(stats) if name.endswith("gbps")
+    }
+
+
+def test_observability_names_every_figure_and_its_snippet_logs_them(
+    moto: LocalS3Server, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    section = _section("Observability")
+    for stats in (SaveStats, LoadStats):
+        assert not {f for f in _figures(stats) if f"`{f}`" not in section}, stats.__name__
+    [(line, code)] = [(n, c) for n, c in snippets() if 'getLogger("shardckpt")' in c]
+    logged = {
+        kind: json.loads(figures)
+        for kind, figures in re.findall(
+            r"shardckpt (save|load) (\{.*\})$", _run(moto, tmp_path, line, code), re.M
+        )
+    }
+    assert set(logged["save"]) == _figures(SaveStats)
+    assert set(logged["load"]) == _figures(LoadStats)
