@@ -81,13 +81,14 @@ def _steps(store: ObjectStore, children: list[str]) -> list[CheckpointEntry]:
     return [_entry(store, c, step) or CheckpointEntry(c, step, False) for step, c in sorted(steps)]
 
 
-def _checkpoints_at(store: ObjectStore, prefix: str, children: list[str]) -> list[CheckpointEntry]:
+def _checkpoints_at(store: ObjectStore, prefix: str) -> tuple[list[CheckpointEntry], list[str]]:
     """The checkpoint at ``prefix`` if there is one (committed, or attempts without a
-    manifest), then its steps; ``children`` are the prefixes directly below it."""
+    manifest), then its steps; and the prefixes directly below it."""
     root = _entry(store, prefix, None)
+    children = store.list_prefixes(Layout(prefix).data_prefix)
     if root is None and any(_name(c).startswith(ATTEMPT_MARK) for c in children):
         root = CheckpointEntry(prefix, None, False)
-    return ([root] if root else []) + _steps(store, children)
+    return ([root] if root else []) + _steps(store, children), children
 
 
 def step_entries(store: ObjectStore) -> list[CheckpointEntry]:
@@ -97,7 +98,7 @@ def step_entries(store: ObjectStore) -> list[CheckpointEntry]:
 
 def find_checkpoints(store: ObjectStore) -> list[CheckpointEntry]:
     """Every checkpoint under the root: the root itself if it is one, then its steps."""
-    return _checkpoints_at(store, "", store.list_prefixes(""))
+    return _checkpoints_at(store, "")[0]
 
 
 DISCOVERY_DEPTH = 3  # bucket / project / run / checkpoint, or dirpath / *.ckpt
@@ -112,8 +113,7 @@ def discover_checkpoints(store: ObjectStore, depth: int = DISCOVERY_DEPTH) -> li
 
 
 def _discover(store: ObjectStore, prefix: str, depth: int) -> Iterator[CheckpointEntry]:
-    children = store.list_prefixes(Layout(prefix).data_prefix)
-    found = _checkpoints_at(store, prefix, children)
+    found, children = _checkpoints_at(store, prefix)
     yield from found
     if depth == 0 or (found and found[0].prefix == prefix):
         return  # the rest below a checkpoint is its data
