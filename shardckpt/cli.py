@@ -49,6 +49,7 @@ from shardckpt.single import load as load_single
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.store.base import gather
 from shardckpt.store.s3_config import timeout_options
+from shardckpt.uri import parse_uri
 from shardckpt.verify import verify_checkpoint
 
 
@@ -154,6 +155,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not rows:
         levels = f"{args.depth} level{'' if args.depth == 1 else 's'}"
         hidden = f"; ls --all shows {len(entries)} without a manifest" if entries else ""
+        where = parse_uri(args.uri)
+        if where.scheme == "file" and not os.path.isdir(where.prefix):  # `ls dev/` for s3://dev/
+            hidden += "; no such folder (an S3 URI starts with s3://)"
         print(
             f"shardckpt: no checkpoints under {store.uri()} (looked {levels} deep){hidden}",
             file=sys.stderr,

@@ -80,13 +80,18 @@ def test_ls_says_when_it_finds_nothing(target: Target) -> None:
     rows, err = _ls(target, f"{top}nothing/here")
     assert rows == []
     uri = open_store(f"{top}nothing/here", **target.options).uri()
-    assert err.strip() == f"shardckpt: no checkpoints under {uri} (looked 3 levels deep)"
+    assert err.startswith(f"shardckpt: no checkpoints under {uri} (looked 3 levels deep)")
     done = run_cli("ls", top, "--depth", "1", *_args(target))
     assert done.code == 0 and "(looked 1 level deep)" in done.err
     assert done.out.strip().startswith("STEP")  # the (empty) table's header
     open_store(target.uri, **target.options).put("attempt-0123456789abcdef/rank0-000000", [b"x"])
     _, err = _ls(target, target.uri)
     assert "no checkpoints" in err and "ls --all shows 1 without a manifest" in err
+    if target.name == "local":  # `ls dev/` meant for s3://dev/
+        done = run_cli("ls", "dev/", cwd=top)
+        assert done.code == 0 and done.err.strip().endswith(
+            "(looked 3 levels deep); no such folder (an S3 URI starts with s3://)"
+        ), done.err
 
 
 def test_ls_shows_the_committed_checkpoint_not_an_interrupted_saves_leftovers(
