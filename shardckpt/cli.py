@@ -74,29 +74,22 @@ def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
     callbacks from any thread; ``label`` is short (a URI would leave no room for the bar).
     tqdm draws it only on a terminal (``disable=None``): a piped or logged stderr gets nothing."""
     lock = threading.Lock()  # tqdm's counter is not thread-safe
-    bar: tqdm | None = None  # made by the first report, which knows the total
+    with tqdm(
+        desc=label,
+        unit="iB",  # with unit_divisor 1024: KiB, MiB, GiB
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        disable=None,
+        dynamic_ncols=True,
+    ) as bar:
 
-    def on_bytes(n: int, total: int) -> None:
-        nonlocal bar
-        with lock:
-            if bar is None:
-                bar = tqdm(
-                    desc=label,
-                    total=total,
-                    unit="iB",  # with unit_divisor 1024: KiB, MiB, GiB
-                    unit_scale=True,
-                    unit_divisor=1024,
-                    file=sys.stderr,
-                    disable=None,
-                    dynamic_ncols=True,
-                )
-            bar.update(n)
+        def on_bytes(n: int, total: int) -> None:
+            with lock:
+                bar.total = total  # known once the library has read the manifest
+                bar.update(n)
 
-    try:
         yield on_bytes
-    finally:
-        if bar is not None:
-            bar.close()
 
 
 def _store_options(args: argparse.Namespace) -> dict[str, Any]:
