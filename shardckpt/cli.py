@@ -147,12 +147,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
     ]
     if not rows:
         levels = f"{args.depth} level{'' if args.depth == 1 else 's'}"
-        hidden = f"; ls --all shows {len(entries)} without a manifest" if entries else ""
+        more = f"; ls --all shows {len(entries)} without a manifest" if entries else ""
         where = parse_uri(args.uri)
         if where.scheme == "file" and not os.path.isdir(where.prefix):  # `ls dev/` for s3://dev/
-            hidden += "; no such folder (an S3 URI starts with s3://)"
+            more += "; no such folder (an S3 URI starts with s3://)"
         print(
-            f"shardckpt: no checkpoints under {store.uri()} (looked {levels} deep){hidden}",
+            f"shardckpt: no checkpoints under {store.uri()} (looked {levels} deep){more}",
             file=sys.stderr,
         )
     if args.json:
