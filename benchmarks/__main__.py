@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from benchmarks import systems
-from benchmarks.harness import RESULTS, Config, run
+from benchmarks.harness import OUT_DIR, Config, run
 from benchmarks.workloads import Workload, format_size, parse_size
 
 
@@ -26,8 +26,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--name", help="results go to OUT_DIR/NAME.json/.png (default: quick or full)")
     p.add_argument(
         "--out-dir",
-        default=RESULTS,
-        help="folder for NAME.json and NAME.png (default benchmarks/results)",
+        default=OUT_DIR,
+        help=f"folder for NAME.json and NAME.png (default ./{OUT_DIR}; the tracked figures: "
+        "benchmarks/results)",
     )
     p.add_argument(
         "--workloads",

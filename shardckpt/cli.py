@@ -13,16 +13,28 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from tqdm import tqdm
 
 from shardckpt._bytes import crc32c
 from shardckpt._duration import duration
-from shardckpt.catalog import committed_steps, find_checkpoints, step_name
+from shardckpt.catalog import (
+    DISCOVERY_DEPTH,
+    CheckpointEntry,
+    committed_steps,
+    data_users,
+    discover_checkpoints,
+    find_checkpoints,
+    step_name,
+)
 from shardckpt.errors import (
     CheckpointNotFoundError,
     ChecksumMismatchError,
@@ -37,6 +49,7 @@ from shardckpt.single import load as load_single
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.store.base import gather
 from shardckpt.store.s3_config import timeout_options
+from shardckpt.uri import parse_uri
 from shardckpt.verify import verify_checkpoint
 
 
@@ -55,24 +68,28 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
-class _Progress:
-    """A one-line progress bar on stderr, shown only on a terminal."""
+@contextmanager
+def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr (bytes, rate, ETA), fed by the library's ``on_bytes(n, total)``
+    callbacks from any thread; ``label`` is short (a URI would leave no room for the bar).
+    tqdm draws it only on a terminal (``disable=None``): a piped or logged stderr gets nothing."""
+    lock = threading.Lock()  # tqdm's counter is not thread-safe
+    with tqdm(
+        desc=label,
+        unit="iB",  # with unit_divisor 1024: KiB, MiB, GiB
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        disable=None,
+        dynamic_ncols=True,
+    ) as bar:
 
-    def __init__(self, total: int, label: str) -> None:
-        self.total, self.label, self.done = total, label, 0
-        self.enabled = sys.stderr.isatty() and total > 0
+        def on_bytes(n: int, total: int) -> None:
+            with lock:
+                bar.total = total  # known once the library has read the manifest
+                bar.update(n)
 
-    def step(self, n: int = 1) -> None:
-        self.done += n
-        if self.enabled:
-            width = 30
-            filled = int(width * self.done / self.total)
-            sys.stderr.write(
-                f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}"
-            )
-            if self.done >= self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
+        yield on_bytes
 
 
 def _store_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -120,25 +137,23 @@ def _checkpoint_layout(store: ObjectStore, step: int | None) -> Layout:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     store = _store(args, args.uri)
-    now = time.time()
-    rows = []
-    for entry in find_checkpoints(store):
-        if not (entry.committed or entry.dcp or args.all):
-            continue
-        objects = [o for o in store.list(entry.layout.data_prefix) if entry.holds(o.key)]
-        newest = max((o.mtime for o in objects), default=now)
-        world = read_manifest(store, entry.layout).world_size if entry.committed else "-"
-        rows.append(
-            {
-                "uri": store.uri(entry.prefix),
-                "step": entry.step,
-                "status": "committed" if entry.committed or entry.dcp else "incomplete",
-                "format": "dcp" if entry.dcp else "shardckpt",
-                "bytes": sum(o.size for o in objects),
-                "objects": len(objects),
-                "world_size": world,
-                "age_s": round(now - newest, 1),
-            }
+    entries = discover_checkpoints(store, args.depth)
+    manifests = {e.prefix: read_manifest(store, e.layout) for e in entries if e.committed}
+    users = data_users(entries, manifests)
+    rows = [
+        _ls_row(store, e, manifests.get(e.prefix), users.get(e.prefix, []))
+        for e in entries
+        if e.committed or e.dcp or args.all
+    ]
+    if not rows:
+        levels = f"{args.depth} level{'' if args.depth == 1 else 's'}"
+        more = f"; ls --all shows {len(entries)} without a manifest" if entries else ""
+        where = parse_uri(args.uri)
+        if where.scheme == "file" and not os.path.isdir(where.prefix):  # `ls dev/` for s3://dev/
+            more += "; no such folder (an S3 URI starts with s3://)"
+        print(
+            f"shardckpt: no checkpoints under {store.uri()} (looked {levels} deep){more}",
+            file=sys.stderr,
         )
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -148,10 +163,48 @@ def cmd_ls(args: argparse.Namespace) -> int:
     )
     for r in rows:
         step = "-" if r["step"] is None else r["step"]
+        note = f"  ({r['note']})" if r["note"] else ""
         print(
-            f"{step:>10}  {r['status']:<10}  {r['format']:<9}  {_size(r['bytes']):>10}  {r['objects']:>7}  {r['world_size']:>5}  {_age(r['age_s']):>5}  {r['uri']}"
+            f"{step:>10}  {r['status']:<10}  {r['format']:<9}  {_size(r['bytes']):>10}  {r['objects']:>7}  {r['world_size']:>5}  {_age(r['age_s']):>5}  {r['uri']}{note}"
         )
     return 0
+
+
+def _ls_row(
+    store: ObjectStore,
+    entry: CheckpointEntry,
+    manifest: Manifest | None,
+    users: list[CheckpointEntry],
+) -> dict[str, Any]:
+    """One checkpoint as ``ls`` shows it. A committed one as its manifest describes it: an
+    interrupted save's leftovers under the same prefix are not part of it. Any other, what is
+    there (DCP's, or a checkpoint without a manifest)."""
+    now = time.time()
+    if manifest is not None:
+        size, count, newest = manifest.total_bytes, len(manifest.objects), manifest.created
+    else:
+        objects = [o for o in store.list(entry.layout.data_prefix) if entry.holds(o.key)]
+        size, count = sum(o.size for o in objects), len(objects)
+        newest = max((o.mtime for o in objects), default=now)
+    if entry.committed or entry.dcp:
+        status, note = "committed", ""
+    elif users:  # an incremental base whose manifest retention deleted
+        names = ", ".join(f"step-{u.step}" if u.step is not None else u.layout.name for u in users)
+        status, note = "retired", f"data used by {names}"
+    else:
+        status, note = "incomplete", "no manifest: a save in progress, or garbage for gc"
+    return {
+        "uri": store.uri(entry.prefix),
+        "step": entry.step,
+        "status": status,
+        "format": "dcp" if entry.dcp else "shardckpt",
+        "bytes": size,
+        "objects": count,
+        "world_size": "-" if manifest is None else manifest.world_size,
+        "age_s": round(now - newest, 1),
+        "note": note,
+        "used_by": [store.uri(u.prefix) for u in users],
+    }
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -180,7 +233,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     store = _store(args, args.uri)
     layout = _checkpoint_layout(store, args.step)
     # A manifest a load would refuse: one `shardckpt: error:` line naming why (main), exit 1.
-    report = verify_checkpoint(store, layout, num_threads=args.threads)
+    with _progress("verify") as on_bytes:
+        report = verify_checkpoint(store, layout, num_threads=args.threads, on_bytes=on_bytes)
     for uri, problem in sorted(report.problems.items()):
         print(f"DAMAGED {uri}: {problem}")
     status = "OK" if report.ok else f"{len(report.problems)} of {report.objects} objects damaged"
@@ -214,7 +268,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     store = _store(args, args.uri)
     layout = _checkpoint_layout(store, args.step)
-    state = load_single(store.uri(layout.prefix), trusted=args.trusted, **_store_options(args))
+    uri = store.uri(layout.prefix)
+    with _progress("export") as on_bytes:
+        state = load_single(uri, trusted=args.trusted, on_bytes=on_bytes, **_store_options(args))
     if args.out.endswith(".safetensors"):
         try:
             from safetensors.torch import save_file
@@ -257,23 +313,13 @@ def cmd_cp(args: argparse.Namespace) -> int:
         # The manifest copied must be the one whose checksums the data was checked against.
         if Manifest.from_json(manifest_bytes, src.uri(manifest_key)).streams != manifest.streams:
             raise ShardckptError(f"{src.uri(manifest_key)} changed while it was being copied")
-        progress = _Progress(len(manifest.objects), f"cp {src.uri(layout.prefix)}")
-
-        def copy(key: str, obj: ObjectRecord, progress: _Progress = progress) -> None:
-            data = src.get(key)
-            checksum = crc32c(memoryview(data))
-            if (len(data), checksum) != (obj.size, obj.crc32c):
-                raise ChecksumMismatchError(
-                    f"{src.uri(key)} does not match its manifest ({len(data)} bytes, CRC32C "
-                    f"{checksum:#010x}; manifest: {obj.size} bytes, "
-                    f"{obj.crc32c:#010x}): not copied; this checkpoint's manifest is not written"
-                )
-            dst.put(key, [data])
-            progress.step()
-
         keys = layout.object_keys(manifest.streams)  # reused streams: their homes' keys
-        with ThreadPoolExecutor(args.threads) as pool:
-            gather([pool.submit(copy, k, o) for k, o in zip(keys, manifest.objects, strict=True)])
+        with (
+            _progress(f"cp {layout.name}".strip()) as on_bytes,
+            ThreadPoolExecutor(args.threads) as pool,
+        ):
+            total, objects = manifest.total_bytes, zip(keys, manifest.objects, strict=True)
+            gather([pool.submit(_copy_object, src, dst, k, o, on_bytes, total) for k, o in objects])
         try:  # the manifest last: the copy exists only once all its data does
             dst.put(manifest_key, [manifest_bytes], if_absent=not args.overwrite)
         except ObjectExistsError:
@@ -284,6 +330,27 @@ def cmd_cp(args: argparse.Namespace) -> int:
             f"copied {src.uri(layout.prefix)} -> {dst.uri(layout.prefix)} ({_size(manifest.total_bytes)})"
         )
     return 0
+
+
+def _copy_object(
+    src: ObjectStore,
+    dst: ObjectStore,
+    key: str,
+    obj: ObjectRecord,
+    on_bytes: Callable[[int, int], None],
+    total: int,
+) -> None:
+    """Copy one object of a checkpoint, checked against its manifest record first."""
+    data = src.get(key)
+    checksum = crc32c(memoryview(data))
+    if (len(data), checksum) != (obj.size, obj.crc32c):
+        raise ChecksumMismatchError(
+            f"{src.uri(key)} does not match its manifest ({len(data)} bytes, CRC32C "
+            f"{checksum:#010x}; manifest: {obj.size} bytes, "
+            f"{obj.crc32c:#010x}): not copied; this checkpoint's manifest is not written"
+        )
+    dst.put(key, [data])
+    on_bytes(len(data), total)
 
 
 def run_bench(bench_args: list[str]) -> int:
@@ -323,9 +390,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ls", parents=[common], help="list checkpoints under a URI")
-    p.add_argument("uri")
     p.add_argument(
-        "--all", action="store_true", help="also show incomplete (uncommitted) checkpoints"
+        "uri", help="a checkpoint, a Checkpointer root, or any prefix or folder above them"
+    )
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="also show checkpoints without a manifest: incomplete, or retired incremental "
+        "bases whose data newer checkpoints use",
+    )
+    p.add_argument(
+        "--depth",
+        type=int,
+        choices=range(11),
+        default=DISCOVERY_DEPTH,
+        metavar="N",
+        help=f"look for checkpoints up to N levels of prefixes below URI (default {DISCOVERY_DEPTH})",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_ls)
@@ -337,13 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("uri", help="a checkpoint, or a Checkpointer root (latest step by default)")
         p.add_argument("--step", type=int, help="which step under a Checkpointer root")
-        p.add_argument("--threads", type=int, default=8, help="parallel reads (verify)")
+        p.add_argument("--threads", type=int, default=8, help="parallel reads (verify; default 8)")
         p.set_defaults(func=func)
 
     p = sub.add_parser(
         "gc", parents=[common], help="delete unreferenced data, stale uploads, old checkpoints"
     )
-    p.add_argument("uri")
+    p.add_argument("uri", help="a checkpoint or a Checkpointer root (its steps are collected)")
     p.add_argument("--keep-last", type=int, help="also delete all but the newest N committed steps")
     p.add_argument(
         "--grace",
@@ -359,13 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="consolidate a checkpoint into one torch.save or .safetensors file",
     )
-    p.add_argument("uri")
+    p.add_argument("uri", help="a checkpoint, or a Checkpointer root (latest step by default)")
     p.add_argument(
         "out",
         type=_output_file,
         help="output file; .safetensors for safetensors, anything else for torch.save",
     )
-    p.add_argument("--step", type=int)
+    p.add_argument("--step", type=int, help="which step under a Checkpointer root")
     p.add_argument(
         "--trusted", action="store_true", help="allow full unpickling of non-tensor values"
     )
@@ -374,10 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "cp", parents=[common], help="copy committed checkpoints (data first, manifest last)"
     )
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--threads", type=int, default=8)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("src", help="a checkpoint, or a Checkpointer root (every committed step)")
+    p.add_argument("dst", help="where the copy goes (the same layout: a root gets the steps)")
+    p.add_argument("--threads", type=int, default=8, help="parallel object copies (default 8)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a checkpoint that exists at DST"
+    )
     p.set_defaults(func=cmd_cp)
 
     add_mirror_command(sub, parents=[common])

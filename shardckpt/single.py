@@ -5,13 +5,17 @@ uploads, atomic commit and checksums.
 Errors are shardckpt's own (``except Exception`` catches them), never DCP's
 ``CheckpointException`` (a BaseException) or its ``AssertionError`` for a missing manifest.
 A save runs on a thread of its own while the caller waits, so that Ctrl-C reaches the wait:
-the first lets the save finish, the second aborts it (``shardckpt._abort``).
+the first lets the save finish, the second aborts it (``shardckpt._abort``). A load reports
+its progress to an ``on_bytes`` callback (``shardckpt export`` draws a bar with it).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -24,6 +28,7 @@ from shardckpt._abort import wait_or_abort
 from shardckpt._quiet import single_process_dcp
 from shardckpt.errors import CheckpointError, SaveFailedError, from_dcp
 from shardckpt.reader import ShardReader
+from shardckpt.store.base import StoreStats
 from shardckpt.writer import ShardWriter
 
 _WRAPPED = "__shardckpt_object__"
@@ -48,26 +53,67 @@ def save(obj: Any, uri: str | os.PathLike[str], **options: Any) -> None:
 
 
 def load(
-    uri: str | os.PathLike[str], *, map_location: str | torch.device | None = None, **options: Any
+    uri: str | os.PathLike[str],
+    *,
+    map_location: str | torch.device | None = None,
+    on_bytes: Callable[[int, int], None] | None = None,
+    **options: Any,
 ) -> Any:
     """Load what :func:`save` wrote (or any shardckpt checkpoint, consolidated into one
-    process). ``map_location`` moves every tensor to that device. Options as for
-    :class:`ShardReader` (``trusted``, ``endpoint``, ...)."""
+    process). ``map_location`` moves every tensor to that device. ``on_bytes(n, total)`` is
+    called about every 0.1 s while data arrives, with the bytes read since the last call and
+    the checkpoint's total. Options as for :class:`ShardReader` (``trusted``, ``endpoint``, ...)."""
     state: dict[str, Any] = {}
     reader = ShardReader(uri, **options)
     reader.read_metadata()  # a missing or bad manifest: our error, not DCP's AssertionError
+    assert reader.manifest is not None  # read_metadata read it (and opened the final store)
+    total = reader.manifest.total_bytes
     # dcp.load fills only keys the caller's dict already has; DCP's own consolidation
     # (format_utils.dcp_to_torch_save) uses this entry point to load everything (and, unlike
     # dcp.load, it does not warn that it runs in one process).
-    try:
-        _load_state_dict(
-            state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True
-        )
-    except CheckpointException as exc:
-        raise from_dcp(exc, f"load of {reader.uri}", CheckpointError)  # noqa: B904 (has its cause)
+    with _reporting(reader.store.stats, total, on_bytes):
+        try:
+            _load_state_dict(
+                state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True
+            )
+        except CheckpointException as exc:
+            raise from_dcp(exc, f"load of {reader.uri}", CheckpointError)  # noqa: B904 (has its cause)
     if map_location is not None:
         state = _move(state, torch.device(map_location))
     return state[_WRAPPED] if set(state) == {_WRAPPED} else state
+
+
+@contextmanager
+def _reporting(
+    stats: StoreStats, total: int, on_bytes: Callable[[int, int], None] | None
+) -> Iterator[None]:
+    """Report the bytes ``stats`` counts as got while the body runs to ``on_bytes``: the reader
+    fetches on threads of its own, with no hook, and its store counts every byte it gets."""
+    if on_bytes is None:
+        yield
+        return
+    start, reported = stats.bytes_got, 0
+    stop = threading.Event()
+
+    def report() -> None:
+        nonlocal reported
+        got = min(stats.bytes_got - start, total)  # gaps between close ranges are read too
+        if got > reported:
+            on_bytes(got - reported, total)
+            reported = got
+
+    def poll() -> None:
+        while not stop.wait(0.1):
+            report()
+
+    thread = threading.Thread(target=poll, name="shardckpt-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        report()
 
 
 def _move(value: Any, device: torch.device) -> Any:

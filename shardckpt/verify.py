@@ -6,13 +6,15 @@ refuses, with the same error); then every object is read back in parallel, in 16
 and its size and CRC32C compared with the manifest, and so is every item's CRC32C (what a
 load checks): the CRC32C of each piece of an item within an object is taken beside the
 object's, and the pieces of an item that spans objects are combined (``crc32c_combine``)
-instead of read twice.
+instead of read twice. Progress goes to an ``on_bytes`` callback (the CLI draws a bar with
+it): a library never prints.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -44,10 +46,17 @@ _Range = tuple[int, int, int]
 _Piece = tuple[_Range, int, int]
 
 
-def verify_checkpoint(store: ObjectStore, layout: Layout, *, num_threads: int = 8) -> VerifyReport:
+def verify_checkpoint(
+    store: ObjectStore,
+    layout: Layout,
+    *,
+    num_threads: int = 8,
+    on_bytes: Callable[[int, int], None] | None = None,
+) -> VerifyReport:
     """Read every object of the checkpoint at ``layout`` and check it and its items against
     the manifest. Raises the manifest's errors (missing, incomplete, corrupt or inconsistent
-    manifest) as a load would."""
+    manifest) as a load would. ``on_bytes(n, total)`` is called, from the reading threads,
+    after each read of ``n`` bytes of the ``total`` to read."""
     manifest = read_manifest(store, layout)
     report = VerifyReport(len(manifest.objects), manifest.total_bytes)
     keys = layout.object_keys(manifest.streams)
@@ -68,6 +77,8 @@ def verify_checkpoint(store: ObjectStore, layout: Layout, *, num_threads: int = 
                 chunk = empty_bytes(min(_READ_CHUNK, obj.size - start))
                 store.get_into(key, start, [chunk])
                 checksum = crc32c(chunk, checksum)
+                if on_bytes is not None:
+                    on_bytes(len(chunk), manifest.total_bytes)
                 end = start + len(chunk)
                 i = bisect_right(ends, start)  # the first piece that ends in this chunk or later
                 while i < len(mine) and mine[i][1] < end:
