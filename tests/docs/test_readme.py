@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 
+import boto3
 import pytest
 
 from shardckpt.checkpointer import LoadStats, SaveStats
@@ -83,11 +84,18 @@ def test_the_readme_has_snippets() -> None:
 
 
 def _run(moto: LocalS3Server, tmp_path, line: int, code: str) -> str:  # type: ignore[no-untyped-def]
-    """Run one snippet after the prelude; its stderr."""
-    try:
-        moto.create_bucket(BUCKET)
-    except Exception:  # noqa: BLE001 - created by an earlier snippet of this session
-        pass
+    """Run one snippet after the prelude, on an empty bucket as a user's first run would
+    (snippets name fixed URIs); its stderr."""
+    bucket = boto3.resource(
+        "s3",
+        endpoint_url=moto.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=moto.env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=moto.env["AWS_SECRET_ACCESS_KEY"],
+    ).Bucket(BUCKET)
+    if bucket.creation_date is None:
+        bucket.create()
+    bucket.objects.all().delete()  # the test's own bucket on the test's own server
     script = tmp_path / "snippet.py"
     script.write_text(f"{PRELUDE}\n# --- README.md line {line} ---\n{code}")
     env = dict(os.environ, **moto.env, AWS_ENDPOINT_URL=moto.endpoint, OMP_NUM_THREADS="1")
