@@ -10,11 +10,14 @@ One process (world size 1) saves and loads the same state (``--size-mib`` of flo
 - ``raw``: boto3, 8 threads, the same bytes as 64 MiB objects (bodies prebuilt).
 
 Systems alternate within each repetition (who goes first rotates), every load is checked
-bit for bit off the clock, and the figure is the median of ``--reps``. The server is SeaweedFS
+bit for bit off the clock, and the figure is the median of ``--reps``, of wall time and of the
+process's CPU time (all threads: on a machine the server shares, what the client burns is
+taken from the server). The server is SeaweedFS
 (``--server seaweedfs``, started here on 127.0.0.1 only), rclone or moto (as the test suite
 starts them), or any running server (``--endpoint URL --bucket NAME``, credentials from the
 environment). Results go to ``benchmarks/results/transport_bench.json``; the table gives
-ratios against ``s3tc-t8``, the peer the CRT transport must match.
+speeds relative to ``s3tc-t8`` (the peer the CRT transport must match; > 1 is faster), each
+the median of the per-rep ratios.
 
     python -m benchmarks.transport_bench --server seaweedfs             # 1 GiB in 64, 3 reps
     python -m benchmarks.transport_bench --server seaweedfs --size-mib 256
@@ -187,6 +190,12 @@ def build(names: list[str], target: Target) -> list[System]:
     return [made[n]() for n in names]
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (every thread, the CRT's included), user plus system."""
+    times = os.times()
+    return times.user + times.system
+
+
 def run(args: argparse.Namespace, endpoint: str) -> dict[str, dict[str, list[float]]]:
     target = Target(endpoint, args.bucket, 0, 1, tempfile.gettempdir())
     systems = build(args.systems, target)
@@ -194,20 +203,23 @@ def run(args: argparse.Namespace, endpoint: str) -> dict[str, dict[str, list[flo
     dest = {k: torch.empty_like(v) for k, v in state.items()}
     client = target.client()
     run_id = f"transport-bench/{uuid.uuid4().hex[:8]}"
-    seconds: dict[str, dict[str, list[float]]] = {s.name: {"save": [], "load": []} for s in systems}
+    ops = ("save", "load", "save_cpu", "load_cpu")
+    seconds: dict[str, dict[str, list[float]]] = {s.name: {op: [] for op in ops} for s in systems}
     for rep in range(args.reps + 1):  # rep 0 warms up connections, clients and server caches
         shift = rep % len(systems)
         for system in systems[shift:] + systems[:shift]:
             uri = f"s3://{args.bucket}/{run_id}/{system.name}/{rep}"
             system.prepare_save(state, uri)
-            started = time.perf_counter()
+            cpu, started = cpu_seconds(), time.perf_counter()
             system.save(state, uri)
             saved = time.perf_counter()
+            save_cpu = cpu_seconds() - cpu
             for tensor in dest.values():
                 tensor.zero_()
-            loaded_at = time.perf_counter()
+            cpu, loaded_at = cpu_seconds(), time.perf_counter()
             system.load(dest, uri)
             loaded = time.perf_counter()
+            load_cpu = cpu_seconds() - cpu
             bad = next((k for k in state if not torch.equal(state[k], dest[k])), None)
             if bad is not None:
                 raise SystemExit(f"{system.name} loaded {bad} wrong")
@@ -215,24 +227,30 @@ def run(args: argparse.Namespace, endpoint: str) -> dict[str, dict[str, list[flo
             delete_prefix(client, args.bucket, f"{run_id}/{system.name}/{rep}/")
             label = "warm-up" if rep == 0 else f"rep {rep}"
             print(
-                f"  {label:7} {system.name:16} save {saved - started:6.2f}s  "
-                f"load {loaded - loaded_at:6.2f}s",
+                f"  {label:7} {system.name:16} save {saved - started:6.2f}s (cpu {save_cpu:5.2f}s)"
+                f"  load {loaded - loaded_at:6.2f}s (cpu {load_cpu:5.2f}s)",
                 flush=True,
             )
             if rep:
-                seconds[system.name]["save"].append(saved - started)
-                seconds[system.name]["load"].append(loaded - loaded_at)
+                for op, value in zip(
+                    ops, (saved - started, loaded - loaded_at, save_cpu, load_cpu), strict=True
+                ):
+                    seconds[system.name][op].append(value)
     return seconds
 
 
 def summary(seconds: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
-    medians = {n: {op: statistics.median(v) for op, v in ops.items()} for n, ops in seconds.items()}
-    peer = medians.get(PEER)
+    """Medians per system; the speed against the peer is the median of the per-rep ratios
+    (each against the peer's run of the same rep, minutes apart at most), which a server
+    whose speed drifts during the run skews less than a ratio of medians."""
+    peer = seconds.get(PEER)
     rows = []
-    for name, ops in medians.items():
-        row: dict[str, Any] = {"system": name, **{f"{op}_s": s for op, s in ops.items()}}
+    for name, ops in seconds.items():
+        row: dict[str, Any] = {"system": name}
+        row.update({f"{op}_s": statistics.median(values) for op, values in ops.items()})
         for op in ("save", "load"):  # > 1: faster than the peer
-            row[f"{op}_speed_vs_{PEER}"] = peer[op] / ops[op] if peer else None
+            ratios = [p / s for p, s in zip(peer[op], ops[op], strict=True)] if peer else []
+            row[f"{op}_speed_vs_{PEER}"] = statistics.median(ratios) if ratios else None
         rows.append(row)
     return rows
 
@@ -241,11 +259,15 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     def ratio(value: float | None) -> str:
         return f"{value:.2f}x" if value is not None else "-"
 
-    print(f"{'system':16} {'save s':>7} {'vs s3tc':>8} {'load s':>7} {'vs s3tc':>8}")
+    print(
+        f"{'system':16} {'save s':>7} {'vs s3tc':>8} {'cpu s':>6} "
+        f"{'load s':>7} {'vs s3tc':>8} {'cpu s':>6}"
+    )
     for r in rows:
         print(
             f"{r['system']:16} {r['save_s']:7.2f} {ratio(r[f'save_speed_vs_{PEER}']):>8} "
-            f"{r['load_s']:7.2f} {ratio(r[f'load_speed_vs_{PEER}']):>8}"
+            f"{r['save_cpu_s']:6.2f} {r['load_s']:7.2f} {ratio(r[f'load_speed_vs_{PEER}']):>8} "
+            f"{r['load_cpu_s']:6.2f}"
         )
 
 
