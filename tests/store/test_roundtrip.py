@@ -47,7 +47,7 @@ TiB = 1 << 40
 S3_MAX_PARTS = 10_000
 S3_MIN_PART = 5 * MiB
 S3_MAX_PART = 5 * GiB
-PART_SIZE = S3Config().part_size
+PART_SIZE = S3Config().resolved_part_size()  # boto3's default
 
 
 @lru_cache(maxsize=8)
@@ -122,7 +122,7 @@ def test_roundtrip_multipart_boundaries(
 @pytest.mark.slow
 def test_roundtrip_100mib_multipart(target: Target, open_with: Callable[..., ObjectStore]) -> None:
     size = 100 * MiB
-    store = open_with(multipart_threshold=8 * MiB)
+    store = open_with(multipart_threshold=8 * MiB, part_size=PART_SIZE)
     data = random_bytes(size, seed=1)
     store.put("big", [data])
     etag = moto_etag(target, "big")
