@@ -223,18 +223,16 @@ def start_seaweedfs(data_dir: str | None = None) -> LocalS3Server:
             f"-s3.localSocket={data_dir}/s3.sock",
             f"-filer.localSocket={data_dir}/filer.sock",
             "-s3.autoCreateBucket=false",
+            # Each bucket gets volumes of its own; the default cap (free disk / 1 GiB) runs out
+            # after a few dozen buckets (a test suite makes one per test). Not preallocated.
+            "-volume.max=1000",
             "-webdav=false",
             "-admin.ui=false",
             "-master.telemetry=false",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={
-            **os.environ,
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-            "TMPDIR": data_dir,
-        },
+        env={**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY},
     )
     server = LocalS3Server(
         "seaweedfs",

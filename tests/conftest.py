@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -83,6 +83,21 @@ def make_target(name: str, request: pytest.FixtureRequest, tmp_path) -> Target: 
 @pytest.fixture(params=TARGETS)
 def target(request: pytest.FixtureRequest, tmp_path) -> Target:  # type: ignore[no-untyped-def]
     return make_target(request.param, request, tmp_path)
+
+
+@pytest.fixture
+def open_with(target: Target) -> Iterator[Callable[..., ObjectStore]]:
+    """Open ``target`` with extra options (ignored by the local store); closed afterwards."""
+    opened: list[ObjectStore] = []
+
+    def _open(**extra: object) -> ObjectStore:
+        store = open_store(target.uri, **{**target.options, **extra})
+        opened.append(store)
+        return store
+
+    yield _open
+    for store in opened:
+        store.close()
 
 
 @pytest.fixture

@@ -64,7 +64,7 @@ class CrtS3Store(BotoS3Store):
 
         return self.config.retry.run(f"{what} {uri}", attempt, self._count_retry)
 
-    def put(self, key: str, data: Sequence[Buffer], *, if_absent: bool = False) -> None:
+    def put(self, key: str, data: Sequence[Buffer], *, if_absent=False, crc32c=None) -> None:
         if if_absent:
             super().put(key, data, if_absent=True)
             return

@@ -14,7 +14,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -53,21 +53,6 @@ PART_SIZE = S3Config().part_size
 @lru_cache(maxsize=8)
 def random_bytes(size: int, seed: int = 0) -> bytes:
     return np.random.default_rng(seed).bytes(size)
-
-
-@pytest.fixture
-def open_with(target: Target) -> Iterator[Callable[..., ObjectStore]]:
-    """Open ``target`` with extra options (ignored by the local store); closed afterwards."""
-    opened: list[ObjectStore] = []
-
-    def _open(**extra: object) -> ObjectStore:
-        store = open_store(target.uri, **{**target.options, **extra})
-        opened.append(store)
-        return store
-
-    yield _open
-    for store in opened:
-        store.close()
 
 
 def moto_etag(target: Target, key: str) -> str | None:
