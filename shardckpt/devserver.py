@@ -107,6 +107,7 @@ class LocalS3Server:
     version: str = ""  # the server's own version line, for benchmark results
     # Unix sockets it leaves behind outside ``data_dir`` (SeaweedFS: /tmp/..-grpc-PORT.sock).
     sockets: tuple[str, ...] = ()
+    stop_grace_s: float = 10.0  # after SIGTERM, how long before SIGKILL
 
     def create_bucket(self, name: str) -> None:
         # Through the S3 API on every server: rclone caches its directory listing (5 min by
@@ -124,7 +125,7 @@ class LocalS3Server:
     def stop(self) -> None:
         self.proc.terminate()
         try:
-            self.proc.wait(10)
+            self.proc.wait(self.stop_grace_s)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -248,6 +249,9 @@ def start_seaweedfs(data_dir: str | None = None) -> LocalS3Server:
             for flag in _SEAWEEDFS_PORTS
             if flag.endswith(".port")
         ),
+        # It closes volume after volume (10 s and more with a bucket per test); the data is
+        # thrown away, so it gets a short grace.
+        stop_grace_s=2.0,
     )
     try:
         _wait_for_port(ports["s3.port"], proc)
