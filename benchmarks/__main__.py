@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
-from benchmarks import systems
+from benchmarks import peer_env, systems
 from benchmarks.harness import OUT_DIR, Config, run
 from benchmarks.workloads import Workload, format_size, parse_size
 
@@ -17,8 +18,18 @@ def _csv(text: str) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Side-by-side DCP checkpoint benchmark on a local moto S3 server: shardckpt, "
-        "s3torchconnector's DCP writer/reader, FileSystemWriter+upload, and the raw limits.",
+        description="Side-by-side DCP checkpoint benchmark on a local S3 server: shardckpt, "
+        "s3torchconnector's DCP writer/reader, FileSystemWriter+upload, DCP's FsspecWriter and "
+        "Lightning over s3fs, and the raw limits.",
+    )
+    p.add_argument(
+        "--server",
+        choices=["seaweedfs", "moto", "rclone"],
+        default="seaweedfs",
+        help="the local S3 server (default seaweedfs: Go, disk-backed, checks conditional "
+        "writes, credentials and checksums; moto: single-threaded Python that reads the whole "
+        "object for every ranged GET; rclone: ignores If-None-Match, so shardckpt commits "
+        "there with unsafe_unconditional_commit)",
     )
     p.add_argument(
         "--quick", action="store_true", help="64 MiB, 2 reps: a check that every path works"
@@ -47,7 +58,14 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "--world-sizes", type=_csv, default=["1", "2"], help="ranks, e.g. 1,2 (default 1,2)"
     )
     p.add_argument(
-        "--systems", type=_csv, default=list(systems.ALL), help=f"subset of {','.join(systems.ALL)}"
+        "--systems",
+        type=_csv,
+        default=list(systems.ALL),
+        help=f"subset of {','.join(systems.ALL)}. s3fs (the fsspec peers "
+        f"{' and '.join(peer_env.SYSTEMS)}) needs an older botocore than this environment's: "
+        "a run with them and without s3fs here runs in its own virtual environment, created "
+        f"on first use (about a minute) in {peer_env.VENV} (SHARDCKPT_BENCH_FSSPEC_VENV), "
+        "which sees this one's packages behind its own s3fs, aiobotocore, botocore and boto3",
     )
     p.add_argument("--reps", type=int, help="timed reps per system (default 3; 2 with --quick)")
     p.add_argument(
@@ -88,6 +106,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         count_requests=not args.no_count,
         connector_reader=args.s3tc_reader,
         out_dir=args.out_dir,
+        server=args.server,
     )
 
 
@@ -96,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("shardckpt", "botocore", "boto3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if peer_env.needed(args.systems):
+        peer_env.rerun_in_env(sys.argv[1:] if argv is None else argv)
     run(args)
 
 

@@ -1,5 +1,6 @@
-"""The run: start the local moto server, make the bucket, run every workload at every world
-size on spawned gloo ranks, and write the results (JSON, table, plot)."""
+"""The run: start the local S3 server (SeaweedFS by default; moto or rclone), make the bucket,
+run every workload at every world size on spawned gloo ranks, and write the results (JSON,
+table, plot), with the server and its version."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ OUT_DIR = "shardckpt-bench"
 class Config:
     """What to run. ``workloads`` by name (``1gib-64``), each at every world size;
     ``cap_seconds``: a system whose save+load exceeds it is not repeated; results go to
-    ``out_dir/<name>.json`` and ``.png`` (default ``./shardckpt-bench``)."""
+    ``out_dir/<name>.json`` and ``.png`` (default ``./shardckpt-bench``); ``server``: the
+    local S3 server, one of ``shardckpt.devserver.STARTERS``."""
 
     name: str
     workloads: tuple[str, ...]
@@ -46,6 +48,7 @@ class Config:
     count_requests: bool
     connector_reader: str = "dcp_optimized"
     out_dir: str = OUT_DIR
+    server: str = "seaweedfs"
 
 
 def _version(dist: str) -> str | None:
@@ -104,7 +107,7 @@ def machine() -> dict[str, Any]:
 
 def run(config: Config) -> dict[str, Any]:
     """Run ``config``; write ``<out_dir>/<name>.json`` and ``.png``; return the results."""
-    from shardckpt.devserver import start_moto
+    from shardckpt.devserver import start
 
     workloads = [Workload.parse(w, ws) for w in config.workloads for ws in config.world_sizes]
     results: dict[str, Any] = {
@@ -112,13 +115,14 @@ def run(config: Config) -> dict[str, Any]:
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "source": source(),
-        "config": {**config.__dict__, "server": f"moto {_version('moto')}"},
+        "config": dict(config.__dict__),
         "conventions": report.__doc__,
         "workloads": [],
     }
     path = os.path.join(os.path.abspath(config.out_dir), f"{config.name}.json")
     scratch = tempfile.mkdtemp(prefix="shardckpt-bench-")
-    server = start_moto()
+    server = start(config.server)
+    results["server"] = {"kind": server.kind, "version": server.version}
     os.environ.update(server.env)
     started = time.monotonic()
     try:
@@ -146,6 +150,7 @@ def run(config: Config) -> dict[str, Any]:
                 config.cap_seconds,
                 config.count_requests,
                 config.connector_reader,
+                config.server,
             )
             log = run_ranks(rank_main, workload.world_size, plan)[0]
             results["workloads"].append(report.summarise(workload, log))

@@ -51,20 +51,33 @@ class Shardckpt(System):
         "dcp.save/load with shardckpt.ShardWriter/ShardReader (defaults: 64 MiB objects, 8 threads)"
     )
 
+    def __init__(self, target: Target, unconditional_commit: bool = False) -> None:
+        super().__init__(target)
+        # rclone ignores If-None-Match: shardckpt refuses to commit there unless told to.
+        self.unconditional_commit = unconditional_commit
+
+    @property
+    def options(self) -> dict[str, object]:
+        """shardckpt's store options (the endpoint is the counting relay's in that pass)."""
+        return {
+            "endpoint": self.target.endpoint,
+            "unsafe_unconditional_commit": self.unconditional_commit,
+        }
+
     def save(self, state: State, uri: str) -> Phases:
         from shardckpt import ShardWriter
 
-        dcp.save(state, storage_writer=ShardWriter(uri, endpoint=self.target.endpoint))
+        dcp.save(state, storage_writer=ShardWriter(uri, **self.options))
         return None
 
     def load(self, state: State, uri: str) -> Phases:
         from shardckpt import ShardReader
 
-        dcp.load(state, storage_reader=ShardReader(uri, endpoint=self.target.endpoint))
+        dcp.load(state, storage_reader=ShardReader(uri, **self.options))
         return None
 
 
-class ShardckptCheckpointer(System):
+class ShardckptCheckpointer(Shardckpt):
     """The training-loop API: one ``Checkpointer`` for the whole run (its staging buffers and
     cached plan are reused, as in training), one step per save."""
 
@@ -74,8 +87,8 @@ class ShardckptCheckpointer(System):
         "timed until committed) / Checkpointer.load"
     )
 
-    def __init__(self, target: Target) -> None:
-        super().__init__(target)
+    def __init__(self, target: Target, unconditional_commit: bool = False) -> None:
+        super().__init__(target, unconditional_commit)
         self._checkpointer = None
         self._step = -1
 
@@ -84,7 +97,7 @@ class ShardckptCheckpointer(System):
 
         if self._checkpointer is None:  # every rank gets here together (the save barrier)
             root = uri.rsplit("/", 1)[0] + "/steps"
-            self._checkpointer = Checkpointer(root, endpoint=self.target.endpoint)
+            self._checkpointer = Checkpointer(root, **self.options)
         self._step += 1
         checkpointer, step = self._checkpointer, self._step
         blocked, _ = blocked_and_done(lambda: checkpointer.save(step, state), lambda h: h.wait())
@@ -112,18 +125,18 @@ class AsyncSave(Shardckpt):
         "'blocked': until it returns; timed until the future completes) / ShardReader"
     )
 
-    def __init__(self, target: Target) -> None:
-        super().__init__(target)
+    def __init__(self, target: Target, unconditional_commit: bool = False) -> None:
+        super().__init__(target, unconditional_commit)
         self._stager = None
 
     def save(self, state: State, uri: str) -> Phases:
         from shardckpt import PinnedStager, ShardWriter
 
         stager = self._stager = self._stager or PinnedStager()
-        endpoint = self.target.endpoint
+        options = self.options
         blocked, _ = blocked_and_done(
             lambda: dcp.async_save(
-                state, storage_writer=ShardWriter(uri, endpoint=endpoint), async_stager=stager
+                state, storage_writer=ShardWriter(uri, **options), async_stager=stager
             ),
             lambda future: future.result(),
         )
@@ -285,6 +298,81 @@ class LocalThenSync(System):
             shutil.rmtree(self._folder(uri), ignore_errors=True)
 
 
+def _s3fs_version() -> str:
+    from importlib import metadata
+
+    return f"s3fs {metadata.version('s3fs')}, botocore {metadata.version('botocore')}"
+
+
+class FsspecDcp(System):
+    """DCP's ``FsspecWriter`` / ``FsspecReader`` over s3fs: what ``dcp.save(checkpoint_id=
+    "s3://...")`` picks, and torchtitan's remote checkpoint folders. ``thread_count=8`` (one
+    file per thread and rank, as parallel as shardckpt); ``sync_files=False``, because on an
+    fsspec stream DCP's fsync falls back to ``os.sync()`` of the whole machine, and closing
+    the s3fs file is what makes it durable. Runs in :mod:`benchmarks.peer_env`."""
+
+    name = "dcp-fsspec"
+    threads = 8
+
+    def __init__(self, target: Target) -> None:
+        super().__init__(target)
+        self.description = (
+            f"dcp.save/load with DCP's FsspecWriter(thread_count={self.threads}, "
+            f"sync_files=False) / FsspecReader over s3fs ({_s3fs_version()})"
+        )
+
+    def save(self, state: State, uri: str) -> Phases:
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+        writer = FsspecWriter(
+            uri, thread_count=self.threads, sync_files=False, endpoint_url=self.target.endpoint
+        )
+        dcp.save(state, storage_writer=writer)
+        return None
+
+    def load(self, state: State, uri: str) -> Phases:
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        dcp.load(state, storage_reader=FsspecReader(uri, endpoint_url=self.target.endpoint))
+        return None
+
+
+class LightningFsspec(System):
+    """Lightning's own checkpoint I/O on an ``s3://`` path (``TorchCheckpointIO``, what a
+    ``Trainer`` without shardckpt uses): ``torch.save`` into memory, then fsspec's s3fs
+    uploads it; ``torch.load`` from an s3fs file. One object per rank. s3fs is pointed at
+    the endpoint through fsspec's config, the only way in (Lightning passes no options).
+    Runs in :mod:`benchmarks.peer_env`."""
+
+    name = "lightning-fsspec"
+
+    def __init__(self, target: Target) -> None:
+        super().__init__(target)
+        self.description = (
+            "Lightning TorchCheckpointIO.save_checkpoint / load_checkpoint on s3://, one "
+            f"object per rank (torch.save to memory + fsspec pipe; {_s3fs_version()})"
+        )
+
+    def _io(self, uri: str):  # type: ignore[no-untyped-def]
+        import fsspec.config
+        from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+        fsspec.config.conf["s3"] = {"endpoint_url": self.target.endpoint}
+        return TorchCheckpointIO(), f"{uri}/rank{self.target.rank}.ckpt"
+
+    def save(self, state: State, uri: str) -> Phases:
+        io, path = self._io(uri)
+        io.save_checkpoint(state, path)
+        return None
+
+    def load(self, state: State, uri: str) -> Phases:
+        io, path = self._io(uri)
+        loaded = io.load_checkpoint(path)
+        for key, tensor in state.items():
+            tensor.copy_(loaded[key])
+        return None
+
+
 class RawLimit(System):
     """The raw limit: the same bytes as objects of 64 MiB, PUT from ready-made request bodies
     (built untimed) and GET straight into the tensors, with boto3 and 8 threads."""
@@ -378,7 +466,8 @@ class Memcpy(System):
         self._flat = None
 
 
-PEERS = ("s3tc-t1", "s3tc-t8", "s3checkpoint", "local+sync")  # what users pick today
+# What users pick today.
+PEERS = ("s3tc-t1", "s3tc-t8", "s3checkpoint", "local+sync", "dcp-fsspec", "lightning-fsspec")
 ALL = (
     "shardckpt",
     "checkpointer",
@@ -387,23 +476,31 @@ ALL = (
     "s3tc-t8",
     "s3checkpoint",
     "local+sync",
+    "dcp-fsspec",
+    "lightning-fsspec",
     "raw",
     "memcpy",
 )
 
 
 def build(
-    names: list[str], target: Target, connector_reader: str = "dcp_optimized"
+    names: list[str],
+    target: Target,
+    connector_reader: str = "dcp_optimized",
+    server: str = "seaweedfs",
 ) -> list[System]:
-    """The systems called ``names`` (see ``ALL``), in that order."""
+    """The systems called ``names`` (see ``ALL``), in that order, for the local ``server``."""
+    unconditional = server == "rclone"
     made: dict[str, Callable[[], System]] = {
-        "shardckpt": lambda: Shardckpt(target),
-        "checkpointer": lambda: ShardckptCheckpointer(target),
-        "async_save": lambda: AsyncSave(target),
+        "shardckpt": lambda: Shardckpt(target, unconditional),
+        "checkpointer": lambda: ShardckptCheckpointer(target, unconditional),
+        "async_save": lambda: AsyncSave(target, unconditional),
         "s3checkpoint": lambda: TorchSave(target),
         "s3tc-t1": lambda: Connector(target, 1, connector_reader),
         "s3tc-t8": lambda: Connector(target, 8, connector_reader),
         "local+sync": lambda: LocalThenSync(target),
+        "dcp-fsspec": lambda: FsspecDcp(target),
+        "lightning-fsspec": lambda: LightningFsspec(target),
         "raw": lambda: RawLimit(target),
         "memcpy": lambda: Memcpy(target),
     }

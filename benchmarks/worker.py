@@ -29,7 +29,7 @@ class Plan:
     """Everything a rank needs: the ``workload``, the ``systems`` by name, ``reps``, the
     server ``endpoint`` and ``bucket``, a ``run_id`` (key prefix), the local ``scratch``
     folder, ``cap_seconds`` (a system whose save+load takes longer is not repeated), whether
-    to ``count_requests``, and the s3torchconnector reader variant."""
+    to ``count_requests``, the s3torchconnector reader variant and the kind of ``server``."""
 
     workload: Workload
     systems: tuple[str, ...]
@@ -41,6 +41,7 @@ class Plan:
     cap_seconds: float
     count_requests: bool
     connector_reader: str = "dcp_optimized"
+    server: str = "seaweedfs"
 
 
 @dataclass
@@ -79,7 +80,9 @@ class _Runner:
         self.dest = {k: torch.empty_like(v) for k, v in self.state.items()}
         target = Target(plan.endpoint, plan.bucket, rank, self.workload.world_size, plan.scratch)
         self.client = target.client()
-        self.systems = systems_module.build(list(plan.systems), target, plan.connector_reader)
+        self.systems = systems_module.build(
+            list(plan.systems), target, plan.connector_reader, plan.server
+        )
 
     def progress(self, message: str, *args: object) -> None:
         """Rank 0 only: ``message`` on stderr, prefixed with the workload and the seconds
@@ -195,7 +198,7 @@ class _Runner:
         )
         try:
             for system in systems_module.build(
-                list(self.plan.systems), target, self.plan.connector_reader
+                list(self.plan.systems), target, self.plan.connector_reader, self.plan.server
             ):
                 if not system.uses_s3 or system.name in log.failed:
                     continue

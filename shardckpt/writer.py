@@ -280,7 +280,7 @@ class ShardWriter(StorageWriter):
             )
             crc = crc32c(segments)
             with cancelled_by(self.abort_switch.event):
-                self.store.put(key, segments)
+                self.store.put(key, segments, crc32c=crc)  # checked by the server too
             return ObjectRecord(names[index], sum(len(s) for s in segments), crc)
 
         uploads = [pool.submit(upload, i) for i in range(count)]

@@ -1,19 +1,21 @@
 """Test infrastructure: real S3 servers on loopback, started once per session.
 
-``store_target`` is parametrized over every backend/transport/server combination; tests that
-need conditional writes or CRT uploads skip the combinations that lack them, with a reason.
+``target`` is parametrized over every backend/transport/server combination; tests that need
+conditional writes or CRT uploads skip the combinations that lack them, with a reason.
+SeaweedFS is the one local server that honours conditional writes, checks credentials and
+checks the ``x-amz-checksum-crc32c`` of every upload.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
 
-from shardckpt.devserver import LocalS3Server, start_moto, start_rclone
+from shardckpt.devserver import LocalS3Server, start_moto, start_rclone, start_seaweedfs
 from shardckpt.store import ObjectStore, open_store
 
 
@@ -31,6 +33,13 @@ def rclone() -> Iterator[LocalS3Server]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def seaweedfs() -> Iterator[LocalS3Server]:
+    with start_seaweedfs() as server:
+        os.environ.update(server.env)
+        yield server
+
+
 @dataclass
 class Target:
     """Where a test writes: ``uri`` plus the ``options`` to open it with."""
@@ -40,12 +49,14 @@ class Target:
     options: dict[str, object]
     conditional_put: bool = True
     crt_upload: bool = True
+    checks_crc32c: bool = False  # the server refuses an upload whose CRC32C header is wrong
+    lists_in_key_order: bool = True  # S3's order; SeaweedFS lists by path component
 
     def open(self) -> ObjectStore:
         return open_store(self.uri, **self.options)
 
 
-TARGETS = ["local", "moto-boto3", "moto-crt", "rclone-boto3"]
+TARGETS = ["local", "moto-boto3", "moto-crt", "rclone-boto3", "seaweedfs-boto3"]
 
 
 def make_target(name: str, request: pytest.FixtureRequest, tmp_path) -> Target:  # type: ignore[no-untyped-def]
@@ -64,12 +75,29 @@ def make_target(name: str, request: pytest.FixtureRequest, tmp_path) -> Target: 
         options,
         conditional_put=server_name != "rclone",
         crt_upload=server_name != "rclone",
+        checks_crc32c=server_name == "seaweedfs",
+        lists_in_key_order=server_name != "seaweedfs",
     )
 
 
 @pytest.fixture(params=TARGETS)
 def target(request: pytest.FixtureRequest, tmp_path) -> Target:  # type: ignore[no-untyped-def]
     return make_target(request.param, request, tmp_path)
+
+
+@pytest.fixture
+def open_with(target: Target) -> Iterator[Callable[..., ObjectStore]]:
+    """Open ``target`` with extra options (ignored by the local store); closed afterwards."""
+    opened: list[ObjectStore] = []
+
+    def _open(**extra: object) -> ObjectStore:
+        store = open_store(target.uri, **{**target.options, **extra})
+        opened.append(store)
+        return store
+
+    yield _open
+    for store in opened:
+        store.close()
 
 
 @pytest.fixture

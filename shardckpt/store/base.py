@@ -83,10 +83,21 @@ class ObjectStore(Protocol):
         """The full URI of ``key`` (for messages)."""
         ...
 
-    def put(self, key: str, data: Sequence[Buffer], *, if_absent: bool = False) -> None:
+    def put(
+        self,
+        key: str,
+        data: Sequence[Buffer],
+        *,
+        if_absent: bool = False,
+        crc32c: int | None = None,
+    ) -> None:
         """Store the concatenation of ``data`` under ``key``, atomically: readers see the old
         object or the whole new one. With ``if_absent``, raise ``ObjectExistsError`` if the
-        key already exists (an atomic check on S3 via ``If-None-Match: *``)."""
+        key already exists (an atomic check on S3 via ``If-None-Match: *``). ``crc32c``, the
+        CRC32C of the concatenation where the caller has it, goes with the upload for the
+        server to check (``x-amz-checksum-crc32c``): a server that does (AWS, SeaweedFS)
+        refuses other bytes, raising ``ChecksumMismatchError``; the local store, with no
+        transfer to check, ignores it."""
         ...
 
     def check_conditional_put(self) -> None:

@@ -49,7 +49,14 @@ class LocalStore:
             raise InvalidURIError(f"object key {key!r} escapes {self.uri()} through a symlink")
         return path
 
-    def put(self, key: str, data: Sequence[Buffer], *, if_absent: bool = False) -> None:
+    def put(
+        self,
+        key: str,
+        data: Sequence[Buffer],
+        *,
+        if_absent: bool = False,
+        crc32c: int | None = None,  # nothing crosses a wire here: no transfer to check
+    ) -> None:
         path = self._path(key)
         views = as_byte_views(data)
         self.stats.add(requests=1, bytes_put=sum(len(v) for v in views))

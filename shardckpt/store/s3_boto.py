@@ -2,11 +2,16 @@
 puts and multipart listing/abort.
 
 botocore's own retries are off: every request goes through one :class:`RetryPolicy`, so the
-retry budget is ours and retries can be counted.
+retry budget is ours and retries can be counted. botocore computes no checksums of its own
+("when_required"): an upload carries the CRC32C its caller computed (the writer has it for
+every object, at no extra pass), and each part of a multipart upload its own, computed here in
+the part's thread (~10 GB/s), so a server that checks them (AWS, SeaweedFS) refuses bytes that
+changed on the way instead of storing them.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 import threading
@@ -23,6 +28,7 @@ import botocore.loaders
 import botocore.session
 import urllib3.exceptions
 
+from shardckpt import _bytes
 from shardckpt.errors import (
     AccessDeniedError,
     BucketNotFoundError,
@@ -61,6 +67,7 @@ _DENIED = {
     "403",
 }
 _EXISTS = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
+_BAD_DIGEST = {"BadDigest"}  # the bytes received do not match the x-amz-checksum-* sent
 _THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "503"}
 _TRANSIENT_NET = (
     botocore.exceptions.ConnectionClosedError,
@@ -237,15 +244,23 @@ class BotoS3Store:
         return self.config.retry.run(f"{what} {uri}", attempt, self._count_retry)
 
     # -- ObjectStore ------------------------------------------------------------------
-    def put(self, key: str, data: Sequence[Buffer], *, if_absent: bool = False) -> None:
+    def put(
+        self,
+        key: str,
+        data: Sequence[Buffer],
+        *,
+        if_absent: bool = False,
+        crc32c: int | None = None,
+    ) -> None:
         views = as_byte_views(data)
         size = total_size(views)
         self.stats.add(bytes_put=size)
         if if_absent:
             self.check_conditional_put()
         cancel = cancel_event()
+        checksum = {} if crc32c is None else {"ChecksumCRC32C": _base64(crc32c)}
         if size <= self.config.multipart_threshold or if_absent:
-            extra = {"IfNoneMatch": "*"} if if_absent else {}
+            conditional = {"IfNoneMatch": "*"} if if_absent else {}
             self._call(
                 "PUT",
                 self.uri(key),
@@ -254,11 +269,12 @@ class BotoS3Store:
                     Key=self._key(key),
                     Body=BufferChain(views, cancel, self.uri(key)),
                     ContentLength=size,
-                    **extra,
+                    **conditional,
+                    **checksum,
                 ),
             )
             return
-        self._put_multipart(key, views, size, cancel)
+        self._put_multipart(key, views, size, cancel, checksum)
 
     def check_conditional_put(self) -> None:
         """Refuse a conditional put to a server that ignores ``If-None-Match`` (unless
@@ -313,13 +329,26 @@ class BotoS3Store:
             self.delete([key])
 
     def _put_multipart(
-        self, key: str, views: list[memoryview], size: int, cancel: threading.Event | None
+        self,
+        key: str,
+        views: list[memoryview],
+        size: int,
+        cancel: threading.Event | None,
+        checksum: dict[str, str],
     ) -> None:
+        """Upload in parts, each with its CRC32C; given the whole object's (``checksum``), it
+        is a FULL_OBJECT CRC32C the server checks at completion, as for a single PUT."""
         uri, full = self.uri(key), self._key(key)
+        full_object = {"ChecksumType": "FULL_OBJECT"} if checksum else {}
         upload_id = self._call(
             "CreateMultipartUpload",
             uri,
-            lambda: self._client.create_multipart_upload(Bucket=self.bucket, Key=full),
+            lambda: self._client.create_multipart_upload(
+                Bucket=self.bucket,
+                Key=full,
+                ChecksumAlgorithm="CRC32C",
+                **full_object,
+            ),
         )["UploadId"]
         part_size = self.config.part_size_for(size)
         try:
@@ -328,6 +357,7 @@ class BotoS3Store:
                 start = (number - 1) * part_size
                 part = slice_views(views, start, min(part_size, size - start))
                 length = total_size(part)
+                part_crc = _base64(_bytes.crc32c(part))
                 reply = self._call(
                     f"UploadPart {number}",
                     uri,
@@ -338,9 +368,10 @@ class BotoS3Store:
                         PartNumber=number,
                         Body=BufferChain(part, cancel, uri),
                         ContentLength=length,
+                        ChecksumCRC32C=part_crc,
                     ),
                 )
-                return {"PartNumber": number, "ETag": reply["ETag"]}
+                return {"PartNumber": number, "ETag": reply["ETag"], "ChecksumCRC32C": part_crc}
 
             numbers = range(1, -(-size // part_size) + 1)
             parts = gather([self._parts_pool.submit(upload, n) for n in numbers])
@@ -352,6 +383,8 @@ class BotoS3Store:
                     Key=full,
                     UploadId=upload_id,
                     MultipartUpload={"Parts": parts},
+                    **checksum,
+                    **full_object,
                 ),
             )
         except BaseException:
@@ -501,6 +534,11 @@ class BotoS3Store:
         self._client.close()
 
 
+def _base64(crc: int) -> str:
+    """A CRC32C as S3 headers carry it: base64 of its 4 big-endian bytes."""
+    return base64.b64encode(crc.to_bytes(4, "big")).decode()
+
+
 def _translate(exc: Exception, uri: str, endpoint: str | None) -> Exception:
     """Map a boto/urllib3 error to a shardckpt error or a :class:`TransientError`."""
     if isinstance(exc, ShardckptError):
@@ -520,6 +558,15 @@ def _translate(exc: Exception, uri: str, endpoint: str | None) -> Exception:
             )
         if code in _EXISTS:
             return ObjectExistsError(f"{uri} already exists", uri)
+        if code in _BAD_DIGEST:
+            # Not retried: bytes that changed before they were sent (a buffer written during
+            # its upload) fail again, and a corruption on the way must be seen, not masked.
+            return ChecksumMismatchError(
+                f"{uri}: the server refused the upload: the bytes it received do not match "
+                f"the CRC32C computed over them before sending ({text}); corrupted on the way, "
+                "or the buffer changed while it was sent",
+                uri,
+            )
         if code == "InvalidRange":
             return ChecksumMismatchError(f"{uri} is shorter than the requested range ({text})", uri)
         if code in _THROTTLED or status >= 500 or code in ("InternalError", "RequestTimeout"):

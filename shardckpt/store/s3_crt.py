@@ -113,10 +113,10 @@ class CrtS3Store(BotoS3Store):
         if_absent: bool = False,
         crc32c: int | None = None,
     ) -> None:
-        # ``crc32c`` (the object's, computed by the writer) is not sent: the binding's
-        # upload takes no checksum.
+        # ``crc32c`` (the object's, computed by the writer) goes with the conditional put
+        # (boto3) only: the binding's upload takes no checksum.
         if if_absent:
-            super().put(key, data, if_absent=True)
+            super().put(key, data, if_absent=True, crc32c=crc32c)
             return
         views = as_byte_views(data)
         self.stats.add(bytes_put=sum(len(v) for v in views))

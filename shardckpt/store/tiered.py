@@ -37,8 +37,15 @@ class TieredStore:
     def uri(self, key: str = "") -> str:
         return self.durable.uri(key)
 
-    def put(self, key: str, data: Sequence[Buffer], *, if_absent: bool = False) -> None:
-        self.durable.put(key, data, if_absent=if_absent)
+    def put(
+        self,
+        key: str,
+        data: Sequence[Buffer],
+        *,
+        if_absent: bool = False,
+        crc32c: int | None = None,
+    ) -> None:
+        self.durable.put(key, data, if_absent=if_absent, crc32c=crc32c)
         if if_absent:  # a commit point: only the durable store's copy counts
             return
         try:

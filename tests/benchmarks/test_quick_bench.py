@@ -1,6 +1,7 @@
 """CI smoke test of the benchmark harness: ``python -m benchmarks --quick`` runs every system
-end to end on a local moto server and writes a complete results file. Timings are not
-checked (they depend on the machine), only that every figure is there."""
+end to end on a local SeaweedFS server (the fsspec peers in their own environment, created on
+first use) and writes a complete results file. Timings are not checked (they depend on the
+machine), only that every figure is there."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import pytest
 
 from benchmarks import systems
+from benchmarks.__main__ import parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 600  # --quick takes about 2 minutes on 2 busy cores
@@ -31,6 +33,8 @@ def test_quick_bench_writes_complete_results(tmp_path) -> None:  # type: ignore[
     with open(tmp_path / "ci-smoke.json") as f:
         results = json.load(f)
     assert results["name"] == "ci-smoke"
+    assert results["config"]["server"] == "seaweedfs"
+    assert results["server"]["kind"] == "seaweedfs" and "4." in results["server"]["version"]
     assert "elapsed_s" in results, "the run did not finish writing its results"
     labels = [w["label"] for w in results["workloads"]]
     assert labels == ["64mib-64/ws1", "64mib-64/ws2"]
@@ -64,6 +68,13 @@ def test_quick_bench_writes_complete_results(tmp_path) -> None:  # type: ignore[
     with open(tmp_path / "ci-smoke.json") as f:
         assert json.load(f)["workloads"] == results["workloads"]
     assert "best peer:" in redone.stdout and (tmp_path / "ci-smoke.png").exists()
+
+
+def test_the_server_is_seaweedfs_unless_chosen() -> None:
+    assert parse_args([]).server == "seaweedfs"
+    assert parse_args(["--server", "moto"]).server == "moto"
+    with pytest.raises(SystemExit):
+        parse_args(["--server", "minio"])
 
 
 @pytest.mark.slow
