@@ -86,3 +86,36 @@ def each_view(
 ) -> list[int]:
     """:func:`per_view`, waited for: one value per view."""
     return [value for future in per_view(pool, fn, views) for value in future.result()]
+
+
+# CRC32C of a concatenation from the CRC32Cs of its parts (zlib's crc32_combine, with
+# CRC32C's reflected polynomial): arithmetic on polynomials mod P over GF(2).
+_POLY = 0x82F63B78
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a * b mod P (bit-reflected)."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if a & (m - 1) == 0:
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+
+
+_X2N = [1 << 30]  # x^(2^k) mod P, k = 0..31
+for _ in range(31):
+    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
+
+
+def crc32c_combine(crc1: int, crc2: int, length2: int) -> int:
+    """The CRC32C of A + B from CRC32C(A), CRC32C(B) and len(B)."""
+    p, k, n = 1 << 31, 3, length2  # x^(8 * length2) mod P
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return _multmodp(p, crc1) ^ crc2

@@ -43,7 +43,7 @@ from shardckpt.errors import (
 )
 from shardckpt.gc import collect_garbage
 from shardckpt.layout import Layout
-from shardckpt.manifest import Manifest, ObjectRecord, read_manifest
+from shardckpt.manifest import Manifest, ObjectRecord, fetch_manifest, read_manifest
 from shardckpt.mirror import add_mirror_command
 from shardckpt.single import load as load_single
 from shardckpt.store import ObjectStore, open_store
@@ -308,11 +308,8 @@ def cmd_cp(args: argparse.Namespace) -> int:
     for entry in entries:
         layout = entry.layout
         manifest_key = layout.manifest_key
-        manifest_bytes = src.get(manifest_key)
-        manifest = read_manifest(src, layout)
-        # The manifest copied must be the one whose checksums the data was checked against.
-        if Manifest.from_json(manifest_bytes, src.uri(manifest_key)).streams != manifest.streams:
-            raise ShardckptError(f"{src.uri(manifest_key)} changed while it was being copied")
+        # One fetch: the manifest copied is the one whose checksums the data is checked against.
+        manifest_bytes, manifest = fetch_manifest(src, layout)
         keys = layout.object_keys(manifest.streams)  # reused streams: their homes' keys
         with (
             _progress(f"cp {layout.name}".strip()) as on_bytes,

@@ -301,7 +301,14 @@ class Manifest:
 
 
 def read_manifest(store: ObjectStore, layout: Layout) -> Manifest:
-    """Fetch and parse the manifest of the checkpoint at ``layout`` in ``store``.
+    """Fetch and parse the manifest of the checkpoint at ``layout`` in ``store``; see
+    :func:`fetch_manifest`."""
+    return fetch_manifest(store, layout)[1]
+
+
+def fetch_manifest(store: ObjectStore, layout: Layout) -> tuple[bytes, Manifest]:
+    """The manifest of the checkpoint at ``layout`` in ``store``: its bytes as stored, and
+    what they say (for a copy, whose bytes must be the ones checked).
 
     Raises :class:`CheckpointNotFoundError` if nothing is there,
     :class:`IncompleteCheckpointError` if data but no manifest is, :class:`ManifestError` if
@@ -325,7 +332,7 @@ def read_manifest(store: ObjectStore, layout: Layout) -> Manifest:
                 f"{store.uri(key)} is a corrupt manifest: streams[{i}].home: {stream.home!r} is "
                 "this checkpoint itself, not a sibling"
             )
-    return manifest
+    return data, manifest
 
 
 def seal(body: bytes) -> bytes:
