@@ -1,6 +1,6 @@
 """Ctrl-C during a save, with real signals against a real S3 server (moto over HTTP).
 
-A subprocess (``interrupted_save.py``) saves 400 MiB, through a ``Checkpointer`` or
+A subprocess (``interrupted_save.py``) saves 1 GiB, through a ``Checkpointer`` or
 ``shardckpt.save``; moto takes several seconds for that on this machine, so the signals land
 while the upload is in flight. The first Ctrl-C must say that the save finishes and how to
 abort it; the second must end the process within seconds with nothing committed and nothing
@@ -42,7 +42,7 @@ class Saver:
     def __init__(self, mode: str, uri: str, server: LocalS3Server) -> None:
         env = {**os.environ, **server.env, "AWS_ENDPOINT_URL": server.endpoint}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.checkpointer.interrupted_save", mode, uri, "400"],
+            [sys.executable, "-m", "tests.checkpointer.interrupted_save", mode, uri, "1024"],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
