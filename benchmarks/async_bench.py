@@ -31,7 +31,7 @@ import torch.distributed.checkpoint as dcp
 
 from benchmarks.measure import blocked_and_done
 from shardckpt import Checkpointer, PinnedStager, ShardWriter
-from shardckpt.devserver import LocalS3Server, start_moto
+from shardckpt.testing.servers import LocalS3Server, start_moto
 
 MiB = 1 << 20
 REGION = "us-east-1"

@@ -55,8 +55,8 @@ from benchmarks.async_bench import (
 from benchmarks.measure import blocked_and_done
 from benchmarks.workloads import TransformerShape, transformer_model
 from shardckpt import Checkpointer
-from shardckpt.devserver import start_moto
-from shardckpt.staging import HostStaging
+from shardckpt.dcp.staging import HostStaging
+from shardckpt.testing.servers import start_moto
 
 State = dict[str, torch.Tensor]
 TARGET = 0.8  # snapshot GB/s over pinned copy_ GB/s

@@ -37,7 +37,7 @@ class Config:
     """What to run. ``workloads`` by name (``1gib-64``), each at every world size;
     ``cap_seconds``: a system whose save+load exceeds it is not repeated; results go to
     ``out_dir/<name>.json`` and ``.png`` (default ``./shardckpt-bench``); ``server``: the
-    local S3 server, one of ``shardckpt.devserver.STARTERS``."""
+    local S3 server, one of ``shardckpt.testing.servers.STARTERS``."""
 
     name: str
     workloads: tuple[str, ...]
@@ -107,7 +107,7 @@ def machine() -> dict[str, Any]:
 
 def run(config: Config) -> dict[str, Any]:
     """Run ``config``; write ``<out_dir>/<name>.json`` and ``.png``; return the results."""
-    from shardckpt.devserver import start
+    from shardckpt.testing.servers import start
 
     workloads = [Workload.parse(w, ws) for w in config.workloads for ws in config.world_sizes]
     results: dict[str, Any] = {

@@ -31,7 +31,7 @@ import torch
 
 from benchmarks.spawn import run_ranks
 from shardckpt import Checkpointer
-from shardckpt.devserver import start_moto
+from shardckpt.testing.servers import start_moto
 
 MiB = 1 << 20
 TENSORS = 64

@@ -26,7 +26,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from shardckpt import ShardWriter
-from shardckpt.devserver import start_moto
+from shardckpt.testing.servers import start_moto
 
 MiB = 1 << 20
 

@@ -34,11 +34,11 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
-from shardckpt.layout import Layout, new_attempt_id
-from shardckpt.manifest import Manifest, ObjectRecord, RankItems, StreamRecord, read_manifest
-from shardckpt.planner import UNCHANGED, ShardSavePlanner
+from shardckpt.dcp.planner import UNCHANGED, ShardSavePlanner
+from shardckpt.dcp.writer import RankReport, WriterOptions, build_manifest, commit
+from shardckpt.format.layout import Layout, new_attempt_id
+from shardckpt.format.manifest import Manifest, ObjectRecord, RankItems, StreamRecord, read_manifest
 from shardckpt.store import LocalStore
-from shardckpt.writer import RankReport, WriterOptions, build_manifest, commit
 
 MiB = 1 << 20
 S3_PUT_PER_PREFIX = 3500  # requests per second S3 serves per prefix before SlowDown

@@ -39,8 +39,8 @@ import boto3
 import botocore.config
 import numpy as np
 
-from shardckpt.devserver import LocalS3Server, start_moto, start_rclone
 from shardckpt.store import ObjectStore, open_store
+from shardckpt.testing.servers import LocalS3Server, start_moto, start_rclone
 
 MiB = 1 << 20
 BUCKET = "store-bench"

@@ -109,7 +109,7 @@ class ShardckptCheckpointer(Shardckpt):
         return None
 
     def cleanup(self, uri: str) -> None:
-        from shardckpt.catalog import step_name
+        from shardckpt.format.catalog import step_name
 
         ckpt = self._checkpointer
         if ckpt is not None and ckpt.rank == 0:  # the step lives outside ``uri``: drop it here

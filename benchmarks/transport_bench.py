@@ -45,7 +45,7 @@ import torch
 
 from benchmarks.s3util import REGION, MiB, Target, delete_prefix
 from benchmarks.systems import Connector, Phases, RawLimit, Shardckpt, State, System
-from shardckpt.devserver import start_moto, start_rclone
+from shardckpt.testing.servers import start_moto, start_rclone
 
 PEER = "s3tc-t8"
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "transport_bench.json"

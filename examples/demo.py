@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 
-from shardckpt.devserver import start_moto
+from shardckpt.testing.servers import start_moto
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

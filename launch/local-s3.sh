@@ -11,7 +11,7 @@ PORT="${2:-9000}"
 BUCKET="${3:-dev}"
 exec python - "$KIND" "$PORT" "$BUCKET" <<'PY'
 import signal, sys
-from shardckpt import devserver
+from shardckpt.testing import servers as devserver
 kind, port, bucket = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 server = {"moto": devserver.start_moto, "rclone": devserver.start_rclone}[kind](port)
 server.create_bucket(bucket)

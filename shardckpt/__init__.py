@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from shardckpt.checkpointer import Checkpointer, SaveHandle
+from shardckpt.dcp.planner import ShardSavePlanner
+from shardckpt.dcp.reader import ShardReader
+from shardckpt.dcp.staging import PinnedStager
+from shardckpt.dcp.writer import ShardWriter
+from shardckpt.engine.checkpointer import Checkpointer, SaveHandle
 from shardckpt.errors import (
     AccessDeniedError,
     BucketNotFoundError,
@@ -25,11 +29,7 @@ from shardckpt.errors import (
     StateDictMismatchError,
     StoreError,
 )
-from shardckpt.planner import ShardSavePlanner
-from shardckpt.reader import ShardReader
-from shardckpt.single import load, save
-from shardckpt.staging import PinnedStager
-from shardckpt.writer import ShardWriter
+from shardckpt.tools.single import load, save
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

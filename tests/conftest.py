@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from shardckpt.devserver import LocalS3Server, start_moto, start_rclone, start_seaweedfs
 from shardckpt.store import ObjectStore, open_store
+from shardckpt.testing.servers import LocalS3Server, start_moto, start_rclone, start_seaweedfs
 
 
 @pytest.fixture(scope="session")

@@ -70,7 +70,9 @@ from torch.distributed.checkpoint.default_planner import (
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
 
-from shardckpt.deletion import delete_replaced, keys_in_use, retire_checkpoints
+from shardckpt.dcp.reader import ShardReader, read_manifest
+from shardckpt.dcp.staging import HostStaging
+from shardckpt.dcp.writer import ShardWriter, _split_options
 from shardckpt.errors import (
     CheckpointError,
     InvalidURIError,
@@ -80,12 +82,10 @@ from shardckpt.errors import (
     first_cause,
     from_dcp,
 )
-from shardckpt.layout import Layout
-from shardckpt.reader import ShardReader, read_manifest
-from shardckpt.staging import HostStaging
+from shardckpt.format.layout import Layout
+from shardckpt.retention.deletion import delete_replaced, keys_in_use, retire_checkpoints
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.uri import Location, parse_uri
-from shardckpt.writer import ShardWriter, _split_options
 
 try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -153,7 +153,7 @@ class ShardckptCheckpointIO(CheckpointIO):
       checkpoint's data is kept for one more generation (a reader that read its manifest
       can finish) and deleted by the next overwrite of the same path.
     - ``pin_memory``: pin the host buffers (default: when CUDA is available).
-    - Other options go to :class:`~shardckpt.writer.WriterOptions` (``object_size``,
+    - Other options go to :class:`~shardckpt.dcp.writer.WriterOptions` (``object_size``,
       ``num_threads``, ``fanout``) and the store (``endpoint``, ``region``, ``profile``,
       ``transport``).
     """

@@ -23,7 +23,7 @@ from shardckpt.errors import (
 )
 from shardckpt.store.base import Buffer, ObjectInfo, PendingUpload, StoreStats, as_byte_views
 
-_TMP_MARK = ".tmp-shardckpt-"
+TMP_MARK = ".tmp-shardckpt-"
 
 
 class LocalStore:
@@ -61,7 +61,7 @@ class LocalStore:
         views = as_byte_views(data)
         self.stats.add(requests=1, bytes_put=sum(len(v) for v in views))
         directory, name = os.path.split(path)
-        tmp = os.path.join(directory, f".{name}{_TMP_MARK}{uuid.uuid4().hex}")
+        tmp = os.path.join(directory, f".{name}{TMP_MARK}{uuid.uuid4().hex}")
         try:
             os.makedirs(directory, exist_ok=True)
             with open(tmp, "wb") as f:
@@ -136,7 +136,7 @@ class LocalStore:
         found = [
             ObjectInfo(k, st.st_size, st.st_mtime)
             for k, st in self._walk(prefix)
-            if _TMP_MARK not in k
+            if TMP_MARK not in k
         ]
         return iter(sorted(found, key=lambda o: o.key))
 
@@ -171,9 +171,9 @@ class LocalStore:
 
     def list_pending_uploads(self, prefix: str = "") -> Iterator[PendingUpload]:
         for key, st in self._walk(""):
-            if _TMP_MARK in key:
+            if TMP_MARK in key:
                 directory, name = key.rpartition("/")[0], key.rpartition("/")[2]
-                target = name[1 : name.index(_TMP_MARK)]
+                target = name[1 : name.index(TMP_MARK)]
                 target_key = f"{directory}/{target}" if directory else target
                 if target_key.startswith(prefix):
                     yield PendingUpload(target_key, key, st.st_mtime)

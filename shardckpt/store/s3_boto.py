@@ -28,7 +28,7 @@ import botocore.loaders
 import botocore.session
 import urllib3.exceptions
 
-from shardckpt import _bytes
+from shardckpt._util import bytes as _bytes
 from shardckpt.errors import (
     AccessDeniedError,
     BucketNotFoundError,

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
-from shardckpt.deletion import delete_local_copies
 from shardckpt.errors import StoreError
 from shardckpt.store.base import Buffer, ObjectInfo, ObjectStore, PendingUpload
 from shardckpt.store.local import LocalStore
@@ -77,13 +76,20 @@ class TieredStore:
     def delete(self, keys: Sequence[str]) -> None:
         self.durable.delete(keys)
         with self._lock:
-            delete_local_copies(self.fast, self._written, keys)
+            self._delete_local_copies(keys)
 
     def keep_only(self, prefix: str) -> None:
         """Drop the local copies this process made outside ``prefix`` (the newest checkpoint)."""
         with self._lock:
             outside = [k for k in self._written if not k.startswith(prefix)]
-            delete_local_copies(self.fast, self._written, outside)
+            self._delete_local_copies(outside)
+
+    def _delete_local_copies(self, keys: Collection[str]) -> None:
+        # Only copies this process put there: another job's files in the same directory
+        # are never in _written, whatever their names.
+        own = sorted(self._written.intersection(keys))
+        self.fast.delete(own)
+        self._written.difference_update(own)
 
     def list_pending_uploads(self, prefix: str = "") -> Iterator[PendingUpload]:
         return self.durable.list_pending_uploads(prefix)

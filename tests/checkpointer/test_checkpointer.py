@@ -242,7 +242,7 @@ def test_pinned_stager_never_overwrites_an_upload_in_flight(
     )
     state["w"].fill_(2.0)
     state["n"]["step"] = 2
-    with caplog.at_level(logging.INFO, logger="shardckpt.staging"):
+    with caplog.at_level(logging.INFO, logger="shardckpt.dcp.staging"):
         second = dcp.async_save(
             state, storage_writer=ShardWriter(uris[1], **target.options), async_stager=stager
         )
@@ -308,7 +308,7 @@ def test_every_save_and_load_reports_its_figures(
 ) -> None:  # type: ignore[no-untyped-def]
     import logging
 
-    from shardckpt.checkpointer import LoadStats, SaveStats
+    from shardckpt.engine.checkpointer import LoadStats, SaveStats
 
     seen: list[Any] = []
     state = {"w": torch.randn(1 << 18), "v": torch.ones(10)}

@@ -7,7 +7,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from shardckpt import Checkpointer, PinnedStager, ShardReader, ShardWriter
-from shardckpt.staging import HostStaging
+from shardckpt.dcp.staging import HostStaging
 
 pytestmark = [
     pytest.mark.gpu,

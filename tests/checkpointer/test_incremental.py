@@ -12,13 +12,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from shardckpt import Checkpointer, ManifestError, ShardReader
-from shardckpt.catalog import step_name
-from shardckpt.cli import main
-from shardckpt.gc import collect_garbage, retire_checkpoints
-from shardckpt.layout import Layout
-from shardckpt.reader import read_manifest
+from shardckpt.cli.main import main
+from shardckpt.dcp.reader import read_manifest
+from shardckpt.format.catalog import step_name
+from shardckpt.format.layout import Layout
+from shardckpt.retention.garbage import collect_garbage, retire_checkpoints
 from shardckpt.store import RetryPolicy, open_store
-from shardckpt.verify import verify_checkpoint
+from shardckpt.tools.verify import verify_checkpoint
 from tests.distributed import run_ranks
 from tests.manifest.edit import rewrite_manifest
 from tests.reliability.fault_proxy import FaultProxy, Rule, on

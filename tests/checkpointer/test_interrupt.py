@@ -25,11 +25,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from shardckpt import ShardWriter
-from shardckpt._abort import AbortSwitch
-from shardckpt.devserver import LocalS3Server
+from shardckpt._util.abort import AbortSwitch
 from shardckpt.errors import SaveAbortedError, first_cause
-from shardckpt.gc import collect_garbage
+from shardckpt.retention.garbage import collect_garbage
 from shardckpt.store import open_store
+from shardckpt.testing.servers import LocalS3Server
 from tests.conftest import make_target
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ import torch.distributed.checkpoint as dcp
 
 import shardckpt
 from shardckpt import Checkpointer, ShardReader, ShardWriter
-from shardckpt.cli import main
+from shardckpt.cli.main import main
 from shardckpt.integrations.lightning import ShardckptCheckpointIO
 from tests.conftest import Target, make_target
 

@@ -30,7 +30,7 @@ def _env() -> dict[str, str]:
 
 def shardckpt(*args: str, cwd: str | None = None) -> Done:
     """``shardckpt ARGS`` with stdout and stderr piped."""
-    command = [sys.executable, "-m", "shardckpt.cli", *args]
+    command = [sys.executable, "-m", "shardckpt.cli.main", *args]
     done = subprocess.run(
         command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S
     )
@@ -41,7 +41,7 @@ def shardckpt_on_a_terminal(*args: str) -> Done:
     """``shardckpt ARGS`` with stderr on a terminal (stdout piped)."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    command = [sys.executable, "-m", "shardckpt.cli", *args]
+    command = [sys.executable, "-m", "shardckpt.cli.main", *args]
     proc = subprocess.Popen(
         command, env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave
     )

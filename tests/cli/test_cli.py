@@ -11,7 +11,7 @@ import torch
 
 import shardckpt
 from shardckpt import Checkpointer
-from shardckpt.cli import build_parser, main
+from shardckpt.cli.main import build_parser, main
 from shardckpt.store import open_store
 from tests.conftest import Target, make_target
 from tests.store.silent_server import silent_server

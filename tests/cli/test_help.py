@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from shardckpt.cli import build_parser
+from shardckpt.cli.main import build_parser
 from tests.cli.run import shardckpt
 
 

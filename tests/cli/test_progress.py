@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt.layout import Layout
+from shardckpt.format.layout import Layout
 from shardckpt.store import open_store
-from shardckpt.verify import verify_checkpoint
+from shardckpt.tools.verify import verify_checkpoint
 from tests.cli.run import shardckpt as run_cli
 from tests.cli.run import shardckpt_on_a_terminal
 from tests.conftest import Target, make_target

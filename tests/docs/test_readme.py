@@ -18,8 +18,8 @@ import sys
 import boto3
 import pytest
 
-from shardckpt.checkpointer import LoadStats, SaveStats
-from shardckpt.devserver import LocalS3Server
+from shardckpt.engine.checkpointer import LoadStats, SaveStats
+from shardckpt.testing.servers import LocalS3Server
 
 pytestmark = pytest.mark.slow
 

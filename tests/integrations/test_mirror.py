@@ -16,12 +16,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
-from shardckpt._duration import duration
-from shardckpt.mirror import Mirror, add_mirror_command
+from shardckpt._util.duration import duration
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.store.base import Buffer
 from shardckpt.store.s3_boto import BotoS3Store
 from shardckpt.store.s3_config import S3Config
+from shardckpt.tools.mirror import Mirror, add_mirror_command
 from shardckpt.uri import parse_uri
 from tests.conftest import Target, make_target
 

@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from shardckpt.manifest import SEAL_FIELD, seal
+from shardckpt.format.manifest import SEAL_FIELD, seal
 from shardckpt.store import ObjectStore
 
 

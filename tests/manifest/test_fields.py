@@ -23,13 +23,13 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from shardckpt import Checkpointer, ChecksumMismatchError, ManifestError
-from shardckpt.catalog import step_name
-from shardckpt.cli import main
-from shardckpt.layout import DATA_NAME, STEP_NAME, Layout
-from shardckpt.manifest import SEAL_FIELD, Manifest, read_manifest
-from shardckpt.single import load
+from shardckpt.cli.main import main
+from shardckpt.format.catalog import step_name
+from shardckpt.format.layout import DATA_NAME, STEP_NAME, Layout
+from shardckpt.format.manifest import SEAL_FIELD, Manifest, read_manifest
 from shardckpt.store import ObjectStore, open_store
-from shardckpt.verify import verify_checkpoint
+from shardckpt.tools.single import load
+from shardckpt.tools.verify import verify_checkpoint
 from tests.conftest import make_target
 from tests.manifest.edit import rewrite_manifest, sealed, unsealed
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from shardckpt.devserver import LocalS3Server
 from shardckpt.store import ObjectStore, RetryPolicy, open_store
+from shardckpt.testing.servers import LocalS3Server
 from tests.reliability.fault_proxy import FaultProxy
 from tests.reliability.workers import Zygote
 

@@ -39,8 +39,8 @@ from shardckpt import (
     ShardWriter,
     StateDictMismatchError,
 )
-from shardckpt.devserver import SECRET_KEY, LocalS3Server, _free_port, _wait_for_port
 from shardckpt.store import open_store
+from shardckpt.testing.servers import SECRET_KEY, LocalS3Server, _free_port, _wait_for_port
 from tests.reliability.workers import Zygote, crash_state
 
 BAD_URIS = [

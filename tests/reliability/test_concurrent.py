@@ -18,13 +18,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from shardckpt import ShardReader, ShardWriter
-from shardckpt.devserver import LocalS3Server
+from shardckpt.dcp.reader import read_manifest
 from shardckpt.errors import ConditionalPutUnsupportedError
-from shardckpt.gc import collect_garbage
-from shardckpt.layout import Layout
-from shardckpt.reader import read_manifest
+from shardckpt.format.layout import Layout
+from shardckpt.retention.garbage import collect_garbage
 from shardckpt.store import ObjectStore, open_store
-from shardckpt.verify import verify_checkpoint
+from shardckpt.testing.servers import LocalS3Server
+from shardckpt.tools.verify import verify_checkpoint
 from tests.reliability.workers import Zygote, race_state
 from tests.writer.states import fingerprint
 

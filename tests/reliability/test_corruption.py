@@ -25,10 +25,10 @@ from shardckpt import (
     ShardReader,
     ShardWriter,
 )
-from shardckpt.devserver import LocalS3Server
-from shardckpt.layout import MANIFEST_NAME, Layout
+from shardckpt.format.layout import MANIFEST_NAME, Layout
 from shardckpt.store import ObjectStore, open_store
-from shardckpt.verify import verify_checkpoint
+from shardckpt.testing.servers import LocalS3Server
+from shardckpt.tools.verify import verify_checkpoint
 from tests.manifest.edit import sealed, unsealed
 
 MiB = 1 << 20

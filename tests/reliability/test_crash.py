@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from shardckpt.devserver import LocalS3Server
+from shardckpt.testing.servers import LocalS3Server
 from tests.reliability.conftest import TALLY
 from tests.reliability.workers import Zygote
 

@@ -18,11 +18,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from shardckpt import Checkpointer, SaveFailedError, ShardReader, ShardWriter
-from shardckpt.devserver import LocalS3Server
 from shardckpt.errors import RetriesExhaustedError
-from shardckpt.gc import collect_garbage
-from shardckpt.layout import MANIFEST_NAME
+from shardckpt.format.layout import MANIFEST_NAME
+from shardckpt.retention.garbage import collect_garbage
 from shardckpt.store import ObjectStore, RetryPolicy, open_store
+from shardckpt.testing.servers import LocalS3Server
 from tests.distributed import run_ranks
 from tests.reliability.conftest import s3_options
 from tests.reliability.fault_proxy import FaultProxy, Request, Rule, on

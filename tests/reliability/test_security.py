@@ -26,10 +26,10 @@ from shardckpt import (
     ShardReader,
     ShardWriter,
 )
-from shardckpt.devserver import ACCESS_KEY, SECRET_KEY
-from shardckpt.layout import MANIFEST_NAME, Layout
+from shardckpt.format.layout import MANIFEST_NAME, Layout
 from shardckpt.store import ObjectStore, RetryPolicy, open_store
-from shardckpt.verify import verify_checkpoint
+from shardckpt.testing.servers import ACCESS_KEY, SECRET_KEY
+from shardckpt.tools.verify import verify_checkpoint
 from tests.manifest.edit import rewrite_manifest
 from tests.reliability.conftest import s3_options
 from tests.reliability.fault_proxy import FaultProxy, Rule, on

@@ -43,12 +43,12 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.storage import WriteResult
 
 from shardckpt import Checkpointer, ShardReader, ShardWriter
-from shardckpt.catalog import step_name
-from shardckpt.gc import collect_garbage
-from shardckpt.layout import MANIFEST_NAME, Layout
-from shardckpt.reader import read_manifest
+from shardckpt.dcp.reader import read_manifest
+from shardckpt.format.catalog import step_name
+from shardckpt.format.layout import MANIFEST_NAME, Layout
+from shardckpt.retention.garbage import collect_garbage
 from shardckpt.store import open_store
-from shardckpt.verify import verify_checkpoint
+from shardckpt.tools.verify import verify_checkpoint
 from tests.writer.states import fingerprint
 
 MiB = 1 << 20
@@ -101,7 +101,7 @@ def _rank(cmd: dict[str, Any], rank: int) -> None:
     )
     dist.init_process_group("gloo", rank=rank, world_size=2)
     timeline = _Timeline()
-    writer_log = logging.getLogger("shardckpt.writer")
+    writer_log = logging.getLogger("shardckpt.dcp.writer")
     writer_log.setLevel(logging.DEBUG)
     writer_log.addHandler(timeline)
     seed, mib = cmd["seed"], cmd["mib"]

@@ -20,12 +20,12 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 import shardckpt
 from shardckpt import Checkpointer, ShardReader
-from shardckpt.cli import main
+from shardckpt.cli.main import main
+from shardckpt.format.layout import Layout
 from shardckpt.integrations.lightning import ShardckptCheckpointIO
-from shardckpt.layout import Layout
-from shardckpt.mirror import Mirror
 from shardckpt.store import open_store
-from shardckpt.verify import verify_checkpoint
+from shardckpt.tools.mirror import Mirror
+from shardckpt.tools.verify import verify_checkpoint
 from tests.conftest import Target, make_target
 from tests.retention.foreign import LOOKALIKES, missing_or_changed, plant
 

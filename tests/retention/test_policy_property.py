@@ -21,13 +21,13 @@ from torch.distributed.checkpoint import FileSystemWriter
 
 import shardckpt
 from shardckpt import Checkpointer
-from shardckpt.catalog import step_name
-from shardckpt.gc import collect_garbage
+from shardckpt.format.catalog import step_name
+from shardckpt.format.layout import Layout, is_own_key
 from shardckpt.integrations.lightning import ShardckptCheckpointIO
-from shardckpt.layout import Layout, is_own_key
-from shardckpt.mirror import Mirror
+from shardckpt.retention.garbage import collect_garbage
 from shardckpt.store import ObjectStore, open_store
-from shardckpt.verify import verify_checkpoint
+from shardckpt.tools.mirror import Mirror
+from shardckpt.tools.verify import verify_checkpoint
 from tests.conftest import make_target
 from tests.retention.foreign import LOOKALIKES, missing_or_changed, plant
 

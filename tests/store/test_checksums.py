@@ -19,10 +19,10 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt._bytes import crc32c
-from shardckpt.devserver import LocalS3Server
+from shardckpt._util.bytes import crc32c
 from shardckpt.errors import ChecksumMismatchError
 from shardckpt.store import ObjectStore, open_store
+from shardckpt.testing.servers import LocalS3Server
 from shardckpt.uri import parse_uri
 from tests.conftest import Target, make_target
 from tests.store.test_roundtrip import random_bytes

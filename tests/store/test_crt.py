@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from shardckpt.devserver import LocalS3Server
 from shardckpt.store import ObjectStore, S3Config, open_store
+from shardckpt.testing.servers import LocalS3Server
 
 MiB = 1 << 20
 CRT_PART = 8 * MiB  # s3torchconnector's default, spelled out rather than imported

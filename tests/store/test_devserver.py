@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from shardckpt.devserver import LocalS3Server, start_seaweedfs
 from shardckpt.errors import AccessDeniedError
 from shardckpt.store import RetryPolicy, open_store
+from shardckpt.testing.servers import LocalS3Server, start_seaweedfs
 
 
 def test_seaweedfs_refuses_wrong_credentials(

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 import boto3
 import pytest
 
-from shardckpt.devserver import LocalS3Server, start_moto
 from shardckpt.errors import (
     AccessDeniedError,
     BucketNotFoundError,
@@ -30,6 +29,7 @@ from shardckpt.errors import (
 )
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.store.s3_config import timeout_options
+from shardckpt.testing.servers import LocalS3Server, start_moto
 from shardckpt.uri import Location, parse_uri
 from tests.store.silent_server import silent_server
 

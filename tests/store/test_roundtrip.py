@@ -25,7 +25,6 @@ import numpy as np
 import pytest
 import torch
 
-from shardckpt.devserver import LocalS3Server
 from shardckpt.errors import (
     ChecksumMismatchError,
     InvalidURIError,
@@ -34,6 +33,7 @@ from shardckpt.errors import (
     StoreError,
 )
 from shardckpt.store import ObjectStore, RetryPolicy, S3Config, open_store
+from shardckpt.testing.servers import LocalS3Server
 from shardckpt.uri import parse_uri
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ from shardckpt import (
     ShardReader,
     ShardWriter,
 )
-from shardckpt.layout import MANIFEST_NAME
+from shardckpt.format.layout import MANIFEST_NAME
 from shardckpt.store import ObjectStore
 from tests.conftest import Target, make_target
 from tests.manifest.edit import sealed, unsealed

@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.planner import (
 
 from benchmarks import scale
 from shardckpt import ShardReader, ShardSavePlanner, ShardWriter
-from shardckpt.planner import UNCHANGED
+from shardckpt.dcp.planner import UNCHANGED
 
 
 def _item(fqn: str, offsets: list[int], sizes: list[int], shape: list[int]) -> WriteItem:

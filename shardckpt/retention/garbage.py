@@ -13,8 +13,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from shardckpt.catalog import find_checkpoints
-from shardckpt.deletion import referenced_keys, retire_checkpoints, stale_uploads, sweep
+from shardckpt.format.catalog import find_checkpoints
+from shardckpt.retention.deletion import referenced_keys, retire_checkpoints, stale_uploads, sweep
 from shardckpt.store import ObjectStore
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from shardckpt.manifest import Manifest, StreamRecord
+from shardckpt.format.manifest import Manifest, StreamRecord
 
 
 @dataclass(frozen=True)

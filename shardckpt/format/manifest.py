@@ -6,7 +6,7 @@ chunks, planner data), where every saved item lives, and every data object's siz
 
 Version 3 ends with the CRC32C of the rest (``seal``), so a flipped bit is reported as such;
 version 2 (no checksum) is still read. Either way every field is checked on its own and
-against the others (``_manifest_check.py``) before anything allocates or requests by it.
+against the others (``manifest_check.py``) before anything allocates or requests by it.
 """
 
 from __future__ import annotations
@@ -32,16 +32,16 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from shardckpt._bytes import crc32c
-from shardckpt._gc import gc_paused
-from shardckpt._manifest_check import INT_END, check_manifest
+from shardckpt._util.bytes import crc32c
+from shardckpt._util.gc_pause import gc_paused
 from shardckpt.errors import (
     CheckpointNotFoundError,
     IncompleteCheckpointError,
     ManifestError,
     ObjectNotFoundError,
 )
-from shardckpt.layout import Layout
+from shardckpt.format.layout import Layout
+from shardckpt.format.manifest_check import INT_END, check_manifest
 
 if TYPE_CHECKING:
     from shardckpt.store import ObjectStore
@@ -233,7 +233,7 @@ class Manifest:
     def from_json(cls, data: bytes, uri: str) -> Manifest:
         """Parse a manifest, raising :class:`ManifestError` naming ``uri`` (and the field) on
         any problem: a checksum that does not match, a field of the wrong type or range, or
-        fields that disagree with each other (``_manifest_check.py``)."""
+        fields that disagree with each other (``manifest_check.py``)."""
         with gc_paused():
             return cls._from_json(data, uri)
 

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from shardckpt._bytes import crc32c, crc32c_combine, empty_bytes
+from shardckpt._util.bytes import crc32c, crc32c_combine, empty_bytes
 from shardckpt.errors import StoreError
-from shardckpt.layout import Layout
-from shardckpt.manifest import Manifest, ObjectRecord, read_manifest
+from shardckpt.format.layout import Layout
+from shardckpt.format.manifest import Manifest, ObjectRecord, read_manifest
 from shardckpt.store import ObjectStore
 
 _READ_CHUNK = 16 << 20

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shardckpt.errors import ManifestError
-from shardckpt.store.local import _TMP_MARK
+from shardckpt.store.local import TMP_MARK
 
 MANIFEST_NAME = "manifest.json"
 ATTEMPT_MARK = "attempt-"
@@ -36,7 +36,7 @@ DATA_NAME = re.compile(
     rf"(?:[0-9a-f]{{3}}/)?{ATTEMPT_MARK}[0-9a-f]{{16}}/rank(0|[1-9][0-9]*)-([0-9]{{6}}|[1-9][0-9]{{6,}})"
 )
 STEP_NAME = re.compile(r"step-(?:[0-9]{10}|[1-9][0-9]{10,})")
-_TEMP_NAME = re.compile(rf"(?:.*/)?\.[^/]+{re.escape(_TMP_MARK)}[0-9a-f]{{32}}")
+_TEMP_NAME = re.compile(rf"(?:.*/)?\.[^/]+{re.escape(TMP_MARK)}[0-9a-f]{{32}}")
 
 
 def is_own_key(key: str) -> bool:

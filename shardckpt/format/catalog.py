@@ -18,11 +18,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from shardckpt.layout import ATTEMPT_MARK, DCP_MARKER, Layout
+from shardckpt.format.layout import ATTEMPT_MARK, DCP_MARKER, Layout
 from shardckpt.store import ObjectStore
 
 if TYPE_CHECKING:
-    from shardckpt.manifest import Manifest
+    from shardckpt.format.manifest import Manifest
 
 STEP_PREFIX = "step-"
 

@@ -24,9 +24,15 @@ import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from tqdm import tqdm
 
-from shardckpt._bytes import crc32c
-from shardckpt._duration import duration
-from shardckpt.catalog import (
+from shardckpt._util.bytes import crc32c
+from shardckpt._util.duration import duration
+from shardckpt.errors import (
+    CheckpointNotFoundError,
+    ChecksumMismatchError,
+    ObjectExistsError,
+    ShardckptError,
+)
+from shardckpt.format.catalog import (
     DISCOVERY_DEPTH,
     CheckpointEntry,
     committed_steps,
@@ -35,22 +41,16 @@ from shardckpt.catalog import (
     find_checkpoints,
     step_name,
 )
-from shardckpt.errors import (
-    CheckpointNotFoundError,
-    ChecksumMismatchError,
-    ObjectExistsError,
-    ShardckptError,
-)
-from shardckpt.gc import collect_garbage
-from shardckpt.layout import Layout
-from shardckpt.manifest import Manifest, ObjectRecord, fetch_manifest, read_manifest
-from shardckpt.mirror import add_mirror_command
-from shardckpt.single import load as load_single
+from shardckpt.format.layout import Layout
+from shardckpt.format.manifest import Manifest, ObjectRecord, fetch_manifest, read_manifest
+from shardckpt.retention.garbage import collect_garbage
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.store.base import gather
 from shardckpt.store.s3_config import timeout_options
+from shardckpt.tools.mirror import add_mirror_command
+from shardckpt.tools.single import load as load_single
+from shardckpt.tools.verify import verify_checkpoint
 from shardckpt.uri import parse_uri
-from shardckpt.verify import verify_checkpoint
 
 
 def _size(n: float) -> str:

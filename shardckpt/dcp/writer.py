@@ -29,17 +29,17 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
-from shardckpt._abort import AbortSwitch
-from shardckpt._bytes import crc32c, crc32c_of, each_view, per_view, tensor_bytes, xxh3_of
+from shardckpt._util.abort import AbortSwitch
+from shardckpt._util.bytes import crc32c, crc32c_of, each_view, per_view, tensor_bytes, xxh3_of
+from shardckpt.dcp.incremental import ContentIndex, Reuse
 from shardckpt.errors import (
     CheckpointExistsError,
     ObjectExistsError,
     ObjectNotFoundError,
     SaveFailedError,
 )
-from shardckpt.incremental import ContentIndex, Reuse
-from shardckpt.layout import Layout, new_attempt_id
-from shardckpt.manifest import Manifest, ObjectRecord, RankItems, StreamRecord
+from shardckpt.format.layout import Layout, new_attempt_id
+from shardckpt.format.manifest import Manifest, ObjectRecord, RankItems, StreamRecord
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.store.base import gather, slice_views
 from shardckpt.store.retry import cancelled_by

@@ -26,10 +26,10 @@ import math
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from shardckpt.catalog import CheckpointEntry, find_checkpoints
 from shardckpt.errors import CheckpointNotFoundError, IncompleteCheckpointError, ManifestError
-from shardckpt.layout import DCP_MARKER, Layout, is_own_key, is_temp_key
-from shardckpt.manifest import Manifest, read_manifest
+from shardckpt.format.catalog import CheckpointEntry, find_checkpoints
+from shardckpt.format.layout import DCP_MARKER, Layout, is_own_key, is_temp_key
+from shardckpt.format.manifest import Manifest, read_manifest
 from shardckpt.store.base import ObjectInfo, ObjectStore, PendingUpload
 
 logger = logging.getLogger(__name__)
@@ -129,15 +129,6 @@ def delete_replaced(
     it goes now (and leftovers of failed saves to the same path with it)."""
     if replaced is not None:
         sweep(store, layout, replaced | set(layout.object_keys(manifest.streams)))
-
-
-def delete_local_copies(fast: ObjectStore, written: set[str], keys: Collection[str]) -> None:
-    """Delete the local copies among ``keys`` that this process put into ``fast``
-    (``written``, updated). Another job's files in the same directory are never in
-    ``written``, whatever their names."""
-    own = sorted(written.intersection(keys))
-    fast.delete(own)
-    written.difference_update(own)
 
 
 def delete_mirrored(store: ObjectStore, keys: Collection[str], owned: Collection[str]) -> list[str]:

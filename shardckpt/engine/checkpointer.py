@@ -27,10 +27,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from shardckpt._abort import AbortSwitch, wait_or_abort
-from shardckpt._quiet import single_process_dcp
-from shardckpt.catalog import committed_steps, step_name
-from shardckpt.deletion import retire_checkpoints
+from shardckpt._util.abort import AbortSwitch, wait_or_abort
+from shardckpt._util.quiet import single_process_dcp
+from shardckpt.dcp.incremental import ContentIndex
+from shardckpt.dcp.planner import ShardSavePlanner
+from shardckpt.dcp.reader import ShardReader, check_state_dict, read_manifest
+from shardckpt.dcp.staging import HostStaging
+from shardckpt.dcp.writer import ShardWriter, _split_options
 from shardckpt.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -41,15 +44,12 @@ from shardckpt.errors import (
     first_cause,
     from_dcp,
 )
-from shardckpt.gc import GcReport, collect_garbage
-from shardckpt.incremental import ContentIndex
-from shardckpt.layout import Layout
-from shardckpt.planner import ShardSavePlanner
-from shardckpt.reader import ShardReader, check_state_dict, read_manifest
-from shardckpt.staging import HostStaging
+from shardckpt.format.catalog import committed_steps, step_name
+from shardckpt.format.layout import Layout
+from shardckpt.retention.deletion import retire_checkpoints
+from shardckpt.retention.garbage import GcReport, collect_garbage
 from shardckpt.store import LocalStore, open_store
 from shardckpt.store.tiered import TieredStore
-from shardckpt.writer import ShardWriter, _split_options
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def _log_stats(kind: str, stats: SaveStats | LoadStats) -> None:
 
 class SaveHandle:
     """The handle ``save`` returns: ``wait()`` blocks until committed (raising its error),
-    ``done()`` tells whether it has finished. Ctrl-C while waiting: see ``shardckpt._abort``
+    ``done()`` tells whether it has finished. Ctrl-C while waiting: see ``shardckpt._util.abort``
     (the first lets the save finish, the second aborts it)."""
 
     def __init__(
@@ -181,7 +181,7 @@ class Checkpointer:
     where they are, and retention and gc keep data while any manifest references it.
     ``shared_load``: data every rank loads (a replicated model) is fetched once per job and
     broadcast over the Checkpointer's gloo group instead of fetched by every rank.
-    Other options go to :class:`~shardckpt.writer.WriterOptions` (``object_size``,
+    Other options go to :class:`~shardckpt.dcp.writer.WriterOptions` (``object_size``,
     ``num_threads``, ``fanout``) and the store (``endpoint``, ``region``, ...).
     """
 

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, NoReturn
 
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-from shardckpt.layout import DATA_NAME, STEP_NAME
-from shardckpt.planner import check_chunks
+from shardckpt.format.chunks import check_chunks
+from shardckpt.format.layout import DATA_NAME, STEP_NAME
 
 if TYPE_CHECKING:
-    from shardckpt.manifest import Manifest, StreamRecord
+    from shardckpt.format.manifest import Manifest, StreamRecord
 
 INT_END = 1 << 63  # sizes, offsets and counts fit an int64 (torch.Size, numpy)
 

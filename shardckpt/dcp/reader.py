@@ -30,15 +30,15 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 
-from shardckpt._bytes import byte_view_of, crc32c_of, each_view, empty_bytes
+from shardckpt._util.bytes import byte_view_of, crc32c_of, each_view, empty_bytes
 from shardckpt.errors import (
     ChecksumMismatchError,
     ManifestError,
     ShardckptError,
     StateDictMismatchError,
 )
-from shardckpt.layout import Layout
-from shardckpt.manifest import (  # read_manifest: importable from here, as it always was
+from shardckpt.format.layout import Layout
+from shardckpt.format.manifest import (  # read_manifest: importable from here, as it always was
     ItemLocation,
     Manifest,
     ObjectRecord,

@@ -5,7 +5,7 @@ uploads, atomic commit and checksums.
 Errors are shardckpt's own (``except Exception`` catches them), never DCP's
 ``CheckpointException`` (a BaseException) or its ``AssertionError`` for a missing manifest.
 A save runs on a thread of its own while the caller waits, so that Ctrl-C reaches the wait:
-the first lets the save finish, the second aborts it (``shardckpt._abort``). A load reports
+the first lets the save finish, the second aborts it (``shardckpt._util.abort``). A load reports
 its progress to an ``on_bytes`` callback (``shardckpt export`` draws a bar with it).
 """
 
@@ -24,12 +24,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from shardckpt._abort import wait_or_abort
-from shardckpt._quiet import single_process_dcp
+from shardckpt._util.abort import wait_or_abort
+from shardckpt._util.quiet import single_process_dcp
+from shardckpt.dcp.reader import ShardReader
+from shardckpt.dcp.writer import ShardWriter
 from shardckpt.errors import CheckpointError, SaveFailedError, from_dcp
-from shardckpt.reader import ShardReader
 from shardckpt.store.base import StoreStats
-from shardckpt.writer import ShardWriter
 
 _WRAPPED = "__shardckpt_object__"
 

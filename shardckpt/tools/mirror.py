@@ -50,11 +50,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from shardckpt._bytes import crc32c
-from shardckpt._duration import duration
-from shardckpt.deletion import delete_mirrored
+from shardckpt._util.bytes import crc32c
+from shardckpt._util.duration import duration
 from shardckpt.errors import InvalidURIError, ShardckptError
-from shardckpt.layout import DCP_MARKER
+from shardckpt.format.layout import DCP_MARKER
+from shardckpt.retention.deletion import delete_mirrored
 from shardckpt.store import ObjectInfo, ObjectStore, open_store
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""The torch.distributed.checkpoint adapter: writer, reader, planner, host staging, incremental reuse."""

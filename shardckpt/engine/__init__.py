@@ -1,0 +1,1 @@
+"""The training-loop engine: the Checkpointer (async saves, resume, retention)."""

@@ -1,0 +1,1 @@
+"""Local S3 servers for tests, demos and benchmarks (fixed loopback credentials): not for production."""
