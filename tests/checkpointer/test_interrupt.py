@@ -1,10 +1,11 @@
 """Ctrl-C during a save, with real signals against a real S3 server (moto over HTTP).
 
-A subprocess (``interrupted_save.py``) saves 1 GiB, through a ``Checkpointer`` or
-``shardckpt.save``; moto takes several seconds for that on this machine, so the signals land
-while the upload is in flight. The first Ctrl-C must say that the save finishes and how to
-abort it; the second must end the process within seconds with nothing committed and nothing
-that gc (grace 0) leaves behind. The local store writes too fast to be interrupted reliably.
+A subprocess (``interrupted_save.py``) saves 256 MiB, through a ``Checkpointer`` or
+``shardckpt.save``, to moto behind a proxy that lets uploads through at 32 MiB/s: the save
+takes at least 8 s on any machine, so the signals land while the upload is in flight. The
+first Ctrl-C must say that the save finishes and how to abort it; the second must end the
+process within seconds with nothing committed and nothing that gc (grace 0) leaves behind.
+The local store writes too fast to be interrupted reliably.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,18 +33,27 @@ from shardckpt.retention.garbage import collect_garbage
 from shardckpt.store import open_store
 from shardckpt.testing.servers import LocalS3Server
 from tests.conftest import make_target
+from tests.reliability.fault_proxy import FaultProxy, Rule, on
 
 ROOT = Path(__file__).resolve().parents[2]
+MIB = 256  # at the proxy's 32 MiB/s: 8 s at least
+
+
+@pytest.fixture
+def slow_link(moto: LocalS3Server) -> Iterator[FaultProxy]:
+    """moto behind a 32 MiB/s link for uploads (every PUT body, parts included)."""
+    with FaultProxy(moto.endpoint, [Rule("throttle", match=on(method="PUT"))]) as proxy:
+        yield proxy
 
 
 class Saver:
     """The subprocess, with its stderr read line by line on a thread (so waiting for one
     line can time out)."""
 
-    def __init__(self, mode: str, uri: str, server: LocalS3Server) -> None:
-        env = {**os.environ, **server.env, "AWS_ENDPOINT_URL": server.endpoint}
+    def __init__(self, mode: str, uri: str, server: LocalS3Server, endpoint: str) -> None:
+        env = {**os.environ, **server.env, "AWS_ENDPOINT_URL": endpoint}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.checkpointer.interrupted_save", mode, uri, "1024"],
+            [sys.executable, "-m", "tests.checkpointer.interrupted_save", mode, uri, str(MIB)],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -80,11 +91,11 @@ class Saver:
         return "".join(self.stderr)
 
 
-def _start(mode: str, moto: LocalS3Server) -> tuple[Saver, str]:
+def _start(mode: str, moto: LocalS3Server, proxy: FaultProxy) -> tuple[Saver, str]:
     bucket = f"t-{uuid.uuid4().hex[:12]}"
     moto.create_bucket(bucket)
     uri = f"s3://{bucket}/run"
-    saver = Saver(mode, uri, moto)
+    saver = Saver(mode, uri, moto, proxy.endpoint)
     assert saver.proc.stdout is not None
     assert saver.proc.stdout.readline() == "saving\n"
     time.sleep(0.5)  # the upload is under way
@@ -94,9 +105,9 @@ def _start(mode: str, moto: LocalS3Server) -> tuple[Saver, str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["checkpointer", "save"])
 def test_ctrl_c_twice_aborts_within_seconds_and_commits_nothing(
-    moto: LocalS3Server, mode: str
+    moto: LocalS3Server, slow_link: FaultProxy, mode: str
 ) -> None:
-    saver, uri = _start(mode, moto)
+    saver, uri = _start(mode, moto, slow_link)
     saver.proc.send_signal(signal.SIGINT)
     saver.wait_for("press Ctrl-C again to abort it", timeout=5)
     sent = time.monotonic()
@@ -115,8 +126,10 @@ def test_ctrl_c_twice_aborts_within_seconds_and_commits_nothing(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["checkpointer", "save"])
-def test_ctrl_c_once_says_so_and_lets_the_save_finish(moto: LocalS3Server, mode: str) -> None:
-    saver, uri = _start(mode, moto)
+def test_ctrl_c_once_says_so_and_lets_the_save_finish(
+    moto: LocalS3Server, slow_link: FaultProxy, mode: str
+) -> None:
+    saver, uri = _start(mode, moto, slow_link)
     saver.proc.send_signal(signal.SIGINT)
     saver.wait_for("Ctrl-C: finishing the save", timeout=5)
     stderr = saver.finish(timeout=60)

@@ -16,6 +16,9 @@ the proxy, which either forwards it unchanged or injects one fault, chosen by or
   of replying: the client cannot know its request succeeded.
 - ``error_200``: ``200 OK`` whose body is an S3 ``<Error>`` (what S3 may answer to
   CompleteMultipartUpload); not forwarded.
+- ``throttle``: forwarded, but its body is read at most at ``throttle_bps``, a rate shared by
+  all throttled requests: a slow link, so an upload lasts long enough, on any machine, for a
+  test to act while it is in flight.
 
 Requests and injected faults are counted. Nothing here knows about shardckpt.
 """
@@ -44,9 +47,10 @@ FAULTS = (
     "truncate",
     "drop_reply",
     "error_200",
+    "throttle",
 )
 # Faults after which the request has reached the server.
-FORWARDED = ("truncate", "drop_reply")
+FORWARDED = ("truncate", "drop_reply", "throttle")
 _HOP_BY_HOP = {
     "connection",
     "keep-alive",
@@ -146,15 +150,24 @@ class FaultProxy:
     """Forward HTTP from ``endpoint`` to ``upstream`` with faults. Use as a context manager.
 
     ``rules`` are tried in order; the first active, matching rule whose coin (``rate``)
-    comes up decides the request's fault. ``stall_s``: how long a stall lasts.
+    comes up decides the request's fault. ``stall_s``: how long a stall lasts;
+    ``throttle_bps``: the bytes per second all throttled request bodies share.
     """
 
     def __init__(
-        self, upstream: str, rules: list[Rule] | None = None, *, seed: int = 0, stall_s: float = 1.5
+        self,
+        upstream: str,
+        rules: list[Rule] | None = None,
+        *,
+        seed: int = 0,
+        stall_s: float = 1.5,
+        throttle_bps: float = 32 << 20,
     ) -> None:
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.stall_s = stall_s
+        self.throttle_bps = throttle_bps
+        self._next_slot = 0.0  # when the shared link is free again (time.monotonic)
         self._rules = list(rules or [])
         self._random = random.Random(seed)
         self._lock = threading.Lock()
@@ -221,6 +234,15 @@ class FaultProxy:
             self.log.append((req.method, req.path, fault))
             return fault
 
+    def _pace(self, nbytes: int) -> None:
+        """Wait until ``nbytes`` more fit through the shared throttled link."""
+        with self._lock:
+            start = max(self._next_slot, time.monotonic())
+            self._next_slot = start + nbytes / self.throttle_bps
+            wait = self._next_slot - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+
     def _forwarded_unharmed(self, req: Request) -> None:
         now = time.monotonic()
         with self._lock:
@@ -271,14 +293,23 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     # -- the request ----------------------------------------------------------------------
-    def _read_body(self, limit: int | None = None) -> bytes | None:
+    def _read_body(self, limit: int | None = None, *, paced: bool = False) -> bytes | None:
         """The raw request body (chunked bodies are kept as sent); with ``limit``, stop after
-        that many bytes. None if the client went away."""
+        that many bytes; ``paced``: at the proxy's throttled rate. None if the client went away."""
         try:
             length = self.headers.get("Content-Length")
             if length is not None:
                 n = int(length) if limit is None else min(int(length), limit)
-                return self.rfile.read(n)
+                if not paced:
+                    return self.rfile.read(n)
+                body = bytearray()
+                while len(body) < n:
+                    chunk = self.rfile.read(min(n - len(body), 256 << 10))
+                    if not chunk:
+                        return None
+                    body += chunk
+                    self.proxy._pace(len(chunk))
+                return bytes(body)
             if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
                 raw = bytearray()
                 while limit is None or len(raw) < limit:
@@ -302,7 +333,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._read_body(limit=length // 2)
             self._reset()
             return
-        body = self._read_body()
+        body = self._read_body(paced=fault == "throttle")
         if body is None:
             self.close_connection = True
             return
@@ -339,7 +370,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "drop_reply" or (fault == "truncate" and not data):
             self._reset()
             return
-        if fault is None:
+        if fault in (None, "throttle"):
             self.proxy._forwarded_unharmed(req)
         self.send_response_only(status, reason)
         for name, value in headers:
