@@ -168,6 +168,7 @@ class FaultProxy:
         self.stall_s = stall_s
         self.throttle_bps = throttle_bps
         self._next_slot = 0.0  # when the shared link is free again (time.monotonic)
+        self.throttled_bytes = 0  # request body bytes read through the throttled link
         self._rules = list(rules or [])
         self._random = random.Random(seed)
         self._lock = threading.Lock()
@@ -239,6 +240,7 @@ class FaultProxy:
         with self._lock:
             start = max(self._next_slot, time.monotonic())
             self._next_slot = start + nbytes / self.throttle_bps
+            self.throttled_bytes += nbytes
             wait = self._next_slot - time.monotonic()
         if wait > 0:
             time.sleep(wait)
