@@ -19,8 +19,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed._shard._utils import narrow_tensor_by_index
-from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.metadata import (
     Metadata,
     MetadataIndex,
@@ -31,6 +29,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 
 from shardckpt._util.bytes import byte_view_of, crc32c_of, each_view, empty_bytes
+from shardckpt.compat import flatten_state_dict, narrow_to_chunk
 from shardckpt.errors import (
     ChecksumMismatchError,
     ManifestError,
@@ -299,7 +298,7 @@ class ShardReader(StorageReader):
             )
             assert dest.location.chunk is not None
             stored = stored.reshape(dest.location.chunk)
-            narrowed = narrow_tensor_by_index(stored, item.storage_offsets, item.lengths)
+            narrowed = narrow_to_chunk(stored, item.storage_offsets, item.lengths)
             if narrowed.shape != dest.target.shape:
                 raise ManifestError(
                     f"{item.dest_index.fqn}: stored shape {tuple(narrowed.shape)} does not fit destination {tuple(dest.target.shape)}"
@@ -370,7 +369,7 @@ def _coalesce(
 def check_state_dict(state_dict: dict[str, Any], metadata: Metadata, uri: str) -> None:
     """Raise :class:`StateDictMismatchError` if the checkpoint cannot fill ``state_dict``:
     keys it lacks, or tensors whose (global) shape differs from the saved one."""
-    flat, _ = flatten_state_dict(state_dict)
+    flat = flatten_state_dict(state_dict)
     saved = metadata.state_dict_metadata
     missing = [k for k in flat if k not in saved]
     shapes = [

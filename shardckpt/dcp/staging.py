@@ -25,6 +25,7 @@ import torch
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
 
+from shardckpt.compat import dtensor_like, pin_host_memory, unpin_host_memory
 from shardckpt.errors import SaveFailedError
 
 logger = logging.getLogger(__name__)
@@ -45,21 +46,17 @@ class PinnedSlab:
         self.nbytes = nbytes
         self.memory = torch.empty(nbytes, dtype=torch.uint8)
         pointer = self.memory.data_ptr()
-        error = int(torch.cuda.cudart().cudaHostRegister(pointer, nbytes, 0))
+        error = pin_host_memory(pointer, nbytes)
         if error:
             raise SaveFailedError(
                 f"cannot pin {nbytes} bytes of host memory for staging (CUDA error {error}); "
                 "is the locked-memory limit (ulimit -l) too low?"
             )
-        weakref.finalize(self, _unregister, pointer)
+        weakref.finalize(self, unpin_host_memory, pointer)
 
     def view(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         nbytes = _nbytes(shape, dtype)
         return self.memory[offset : offset + nbytes].view(dtype).view(shape)
-
-
-def _unregister(pointer: int) -> None:
-    torch.cuda.cudart().cudaHostUnregister(pointer)
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -196,7 +193,7 @@ def _walk(
     if isinstance(value, DTensor):
         local = value.to_local()
         staged = on_tensor(path, local)
-        return value if staged is local else DTensor(staged, value._spec, requires_grad=False)
+        return value if staged is local else dtensor_like(value, staged)
     if isinstance(value, torch.Tensor):
         return on_tensor(path, value)
     if isinstance(value, dict):

@@ -9,13 +9,14 @@ import math
 from typing import Any
 
 import numpy as np
-from torch.distributed.checkpoint.default_planner import _validate_global_plan
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     Metadata,
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import SavePlan
+
+from shardckpt.compat import chunk_errors
 
 
 def check_chunks(metadata: Metadata, *, whole: bool) -> list[str]:
@@ -32,7 +33,7 @@ def check_chunks(metadata: Metadata, *, whole: bool) -> list[str]:
         # DCP's own check names every problem; it sees only the suspicious tensors (and
         # reads from the plans only their count: more than one means "check coverage").
         plans = [SavePlan([])] * (2 if whole else 1)
-        errors += _validate_global_plan(plans, Metadata(fallback))
+        errors += chunk_errors(plans, Metadata(fallback))
     return errors
 
 

@@ -62,14 +62,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import (
-    DefaultSavePlanner,
-    _EmptyStateDictLoadPlanner,
-)
-from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
+from shardckpt._util.quiet import single_process_dcp
+from shardckpt.compat import load_all
 from shardckpt.dcp.reader import ShardReader, read_manifest
 from shardckpt.dcp.staging import HostStaging
 from shardckpt.dcp.writer import ShardWriter, _split_options
@@ -230,11 +228,8 @@ class ShardckptCheckpointIO(CheckpointIO):
             store, target.layout, target.uri, num_threads=self.writer_options.num_threads
         )
         reader.manifest = read_manifest(store, target.layout)  # clear errors, before DCP's
-        state: dict[str, Any] = {}
         try:
-            _load_state_dict(
-                state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True
-            )
+            state = load_all(reader)
         except CheckpointException as exc:
             raise from_dcp(exc, f"load of {target.uri}", CheckpointError)  # noqa: B904 (has its cause)
         blob = state.get(_SKELETON)
@@ -355,9 +350,8 @@ class ShardckptCheckpointIO(CheckpointIO):
             writer = ShardWriter._for_checkpoint(
                 store, target.layout, target.uri, attributes, self.writer_options
             )
-            _save_state_dict(
-                state, storage_writer=writer, planner=DefaultSavePlanner(), no_dist=True
-            )
+            with single_process_dcp():
+                dcp.save(state, storage_writer=writer, planner=DefaultSavePlanner(), no_dist=True)
             assert writer.last_manifest is not None
             delete_replaced(store, target.layout, writer.last_manifest, replaced)
         except CheckpointException as exc:

@@ -21,11 +21,10 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from shardckpt._util.abort import wait_or_abort
 from shardckpt._util.quiet import single_process_dcp
+from shardckpt.compat import load_all
 from shardckpt.dcp.reader import ShardReader
 from shardckpt.dcp.writer import ShardWriter
 from shardckpt.errors import CheckpointError, SaveFailedError, from_dcp
@@ -63,19 +62,13 @@ def load(
     process). ``map_location`` moves every tensor to that device. ``on_bytes(n, total)`` is
     called about every 0.1 s while data arrives, with the bytes read since the last call and
     the checkpoint's total. Options as for :class:`ShardReader` (``trusted``, ``endpoint``, ...)."""
-    state: dict[str, Any] = {}
     reader = ShardReader(uri, **options)
     reader.read_metadata()  # a missing or bad manifest: our error, not DCP's AssertionError
     assert reader.manifest is not None  # read_metadata read it (and opened the final store)
     total = reader.manifest.total_bytes
-    # dcp.load fills only keys the caller's dict already has; DCP's own consolidation
-    # (format_utils.dcp_to_torch_save) uses this entry point to load everything (and, unlike
-    # dcp.load, it does not warn that it runs in one process).
     with _reporting(reader.store.stats, total, on_bytes):
         try:
-            _load_state_dict(
-                state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True
-            )
+            state = load_all(reader)
         except CheckpointException as exc:
             raise from_dcp(exc, f"load of {reader.uri}", CheckpointError)  # noqa: B904 (has its cause)
     if map_location is not None:
