@@ -4,7 +4,7 @@
 #   ./launch/local-s3.sh [moto|rclone] [PORT] [BUCKET]
 #
 # moto (default) honours conditional writes (If-None-Match), as real S3 does; rclone is
-# faster but ignores them. Needs `pip install -e '.[test]'`. Ctrl-C stops it.
+# faster but ignores them. Needs `pip install -c constraints.txt -e '.[test]'`. Ctrl-C stops it.
 set -euo pipefail
 KIND="${1:-moto}"
 PORT="${2:-9000}"

@@ -15,12 +15,11 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 import shardckpt
 from shardckpt import Checkpointer, ShardReader
 from shardckpt.cli.main import main
+from shardckpt.compat import load_all
 from shardckpt.format.layout import Layout
 from shardckpt.integrations.lightning import ShardckptCheckpointIO
 from shardckpt.store import open_store
@@ -177,10 +176,7 @@ def test_lightning_overwrite_keeps_the_replaced_generation_and_remove_only_its_o
     reader.read_metadata()  # a concurrent reader has read generation 1's manifest
     io.save_checkpoint(_checkpoint(2), last)
     io.wait()
-    state: dict[str, Any] = {}
-    _load_state_dict(
-        state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True
-    )
+    state = load_all(reader)
     assert [t.tolist() for t in state["tensors"].values()] == [[1.0] * 300]
 
     io.save_checkpoint(_checkpoint(3), last)  # generation 1 goes now, 2 stays
