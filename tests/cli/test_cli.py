@@ -156,12 +156,6 @@ def test_mirror_once_uploads_a_finished_file(
     assert store.get("epoch1.pt") == (local / "epoch1.pt").read_bytes()
 
 
-def test_bench_forwards_its_arguments(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(["bench", "--help"])
-    assert info.value.code == 0 and "--quick" in capsys.readouterr().out
-
-
 def _one_error_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("shardckpt: error: "), err
@@ -223,3 +217,16 @@ def test_a_server_that_never_answers_fails_within_the_timeout_and_says_it_retrie
     )
     assert "ReadTimeoutError" in err[0] and "retrying" in err[0]
     assert err[1].startswith("shardckpt: error: HEAD s3://bucket/ckpt/manifest.json: gave up after")
+
+
+def test_mirror_gives_up_within_the_timeout(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    """``mirror`` took ``--timeout`` and ignored it: a silent server held it for 5 minutes."""
+    local = tmp_path / "ckpts"
+    local.mkdir()
+    with silent_server() as endpoint:
+        start = time.monotonic()
+        argv = ["mirror", str(local), "s3://bucket/run", "--once", "--endpoint", endpoint]
+        assert main([*argv, "--timeout", "1.5s"]) == 1
+        assert time.monotonic() - start < 1.5 + 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("shardckpt: error: ") and "gave up after" in err[-1], err
