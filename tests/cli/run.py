@@ -28,13 +28,18 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
 
 
-def shardckpt(*args: str, cwd: str | None = None) -> Done:
-    """``shardckpt ARGS`` with stdout and stderr piped."""
-    command = [sys.executable, "-m", "shardckpt.cli.main", *args]
+def run_python(*args: str, cwd: str | None = None) -> Done:
+    """``python ARGS`` with this checkout importable, stdout and stderr piped."""
+    command = [sys.executable, *args]
     done = subprocess.run(
         command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S
     )
     return Done(done.returncode, done.stdout, done.stderr)
+
+
+def shardckpt(*args: str, cwd: str | None = None) -> Done:
+    """``shardckpt ARGS`` with stdout and stderr piped."""
+    return run_python("-m", "shardckpt.cli.main", *args, cwd=cwd)
 
 
 def shardckpt_on_a_terminal(*args: str) -> Done:
