@@ -12,6 +12,8 @@ import sys
 import termios
 from dataclasses import dataclass
 
+from tests.conftest import Target
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 300
 
@@ -69,3 +71,9 @@ def shardckpt_on_a_terminal(*args: str) -> Done:
         if proc.poll() is None:
             proc.kill()
     return Done(code, out, b"".join(chunks).decode(errors="replace"))
+
+
+def endpoint_args(target: Target) -> list[str]:
+    """The command-line options that reach ``target``'s store (none for the local store)."""
+    endpoint = target.options.get("endpoint")
+    return ["--endpoint", str(endpoint)] if endpoint else []

@@ -11,21 +11,11 @@ import pytest
 
 from shardckpt.cli.main import main
 from shardckpt.store import open_store
-from tests.cli.run import shardckpt
-from tests.conftest import Target, make_target
+from tests.cli.run import endpoint_args, shardckpt
+from tests.conftest import Target
 from tests.retention.foreign import LOOKALIKES, missing_or_changed, plant
 
 _SMALL = ["--size-mib", "2", "--tensors", "3", "--reps", "2"]
-
-
-@pytest.fixture(params=["local", "moto-boto3"])
-def target(request: pytest.FixtureRequest, tmp_path) -> Target:  # type: ignore[no-untyped-def]
-    return make_target(request.param, request, tmp_path)
-
-
-def _args(target: Target) -> list[str]:
-    endpoint = target.options.get("endpoint")
-    return ["--endpoint", str(endpoint)] if endpoint else []
 
 
 def test_bench_times_save_and_load_and_deletes_only_what_it_wrote(
@@ -39,7 +29,7 @@ def test_bench_times_save_and_load_and_deletes_only_what_it_wrote(
         "shardckpt-bench-0123456789ab/raw-0/000000": b"raw",
     }
     plant(store, foreign)
-    assert main(["bench", target.uri, *_SMALL, *_args(target)]) == 0
+    assert main(["bench", target.uri, *_SMALL, *endpoint_args(target)]) == 0
     out = capsys.readouterr().out
     first, _, *rows, last = out.strip().splitlines()
     assert re.fullmatch(
