@@ -6,24 +6,12 @@ seconds (``start()`` / ``stop()`` or a ``with`` block run it on a background thr
 ``sync_once()`` runs one pass) and uploads what is complete, keeping the commit rule of the
 rest of shardckpt: a checkpoint never looks complete remotely before all its bytes are there.
 
-What is mirrored, and when it counts as complete:
-
-- **DCP directories**: a directory holding ``.metadata``, ``.metadata.tmp`` or ``*.distcp``
-  files is one unit (with everything below it). ``FileSystemWriter`` writes ``.metadata``
-  last (to a temporary name, renamed into place after every rank's data is written), so the
-  unit is complete when ``.metadata`` exists, no ``.metadata.tmp`` does, and ``.metadata`` is
-  no older than any other file in it (a re-save in progress rewrites data first). Nothing of
-  an incomplete unit is uploaded; a complete one is uploaded data first and ``.metadata``
-  last. When a unit that is already complete remotely changes, its remote ``.metadata`` is
-  deleted before the first changed byte is uploaded and put back last. (The per-rank
-  ``__<rank>.metadata`` files of ``use_collectives=False`` saves are not a marker.)
-- **Other files** (``torch.save``, ``.ckpt``, ...): each file is a unit, complete once
-  neither its data nor its inode has changed (``max(mtime, ctime)``) for ``settle_s``
-  seconds (default: the interval); a file written under a temporary name and renamed into
-  place counts from the rename. An S3 put is atomic, so a reader sees the old object or the
-  whole new one. A file that changes while it is read is left for the next pass.
-- Never uploaded: names ending in ``.tmp``, ``.part``, ``.partial``, ``.lock`` or ``~`` (the
-  unfinished halves of write-then-rename), and anything that is not a regular file.
+What is mirrored, and when a unit (a DCP directory, or a single file) counts as complete:
+``mirror_scan.py``. Nothing of an incomplete unit is uploaded; a complete DCP unit is
+uploaded data first and ``.metadata`` last. When a unit that is already complete remotely
+changes, its remote ``.metadata`` is deleted before the first changed byte is uploaded and
+put back last. A plain file's ``settle_s`` defaults to the interval. An S3 put is atomic, so
+a reader sees the old object or the whole new one.
 
 Unchanged files are never uploaded again: each uploaded file's size, mtime and CRC32C are
 kept; a file whose size and mtime are unchanged is skipped without being read, one whose
@@ -38,30 +26,22 @@ to upload them: memory is bounded by ``num_threads`` times the largest file.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import signal
-import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from shardckpt._util.bytes import crc32c
-from shardckpt._util.duration import duration
 from shardckpt.errors import InvalidURIError, ShardckptError
-from shardckpt.format.layout import DCP_MARKER
 from shardckpt.retention.deletion import delete_mirrored
 from shardckpt.store import ObjectInfo, ObjectStore, open_store
+from shardckpt.tools.mirror_scan import FileChanged, Unit, read_stable, scan
+from shardckpt.tools.mirror_scan import marker_key as _marker_key
 
 logger = logging.getLogger(__name__)
-
-_DCP_IN_PROGRESS = ".metadata.tmp"
-_DCP_DATA_SUFFIX = ".distcp"
-_IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".lock", "~")
 
 
 @dataclass(frozen=True)
@@ -72,17 +52,6 @@ class FileState:
     size: int
     mtime_ns: int
     crc32c: int | None
-
-
-@dataclass
-class Unit:
-    """One mirrored unit: a DCP directory or a single file. ``name`` is its key ("" for the
-    root directory itself), ``files`` maps each key to its local path and stat."""
-
-    name: str
-    is_dcp: bool
-    files: dict[str, tuple[str, os.stat_result]]
-    complete: bool
 
 
 @dataclass
@@ -100,10 +69,6 @@ class SyncReport:
     @property
     def changed(self) -> bool:
         return bool(self.uploaded or self.deleted or self.errors)
-
-
-class _Changed(Exception):
-    """A file changed while it was being read: retry on a later pass."""
 
 
 class Mirror:
@@ -219,7 +184,7 @@ class Mirror:
             report = SyncReport()
             if self._remote is None:
                 self._remote = {o.key: o for o in self.store.list("")}
-            units, present = self._scan(time.time())
+            units, present = scan(self.local_dir, self.settle_s, time.time())
             ready = [u for u in units if u.complete]
             report.pending = [u.name or "." for u in units if not u.complete]
             with ThreadPoolExecutor(
@@ -230,7 +195,7 @@ class Mirror:
                     (unit.name, key): pool.submit(self._sync_file, unit, key, path, st, report)
                     for unit in ready
                     for key, (path, st) in unit.files.items()
-                    if not (unit.is_dcp and _is_marker(unit, key))
+                    if not (unit.is_dcp and key == _marker_key(unit))
                 }
                 failed = {name for (name, _), job in jobs.items() if not _succeeded(job, report)}
                 # Then each DCP unit's marker, only once all its data is there.
@@ -263,56 +228,6 @@ class Mirror:
             )
         return report
 
-    def _scan(self, now: float) -> tuple[list[Unit], set[str]]:
-        """The units under the local directory, and every key present locally (complete or
-        not: a file being rewritten keeps its remote copy)."""
-        units: list[Unit] = []
-        present: set[str] = set()
-        for dirpath, dirnames, filenames in os.walk(self.local_dir):
-            dirnames.sort()
-            rel = os.path.relpath(dirpath, self.local_dir)
-            prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
-            if _is_dcp_dir(filenames):
-                dirnames[:] = []  # everything below belongs to this unit
-                unit = self._dcp_unit(dirpath, prefix)
-                present |= set(unit.files)
-                units.append(unit)
-                continue
-            for name in sorted(filenames):
-                if _ignored(name):
-                    continue
-                st = _regular_stat(os.path.join(dirpath, name))
-                if st is None:
-                    continue
-                key = prefix + name
-                present.add(key)
-                complete = now - max(st.st_mtime, st.st_ctime) >= self.settle_s
-                units.append(Unit(key, False, {key: (os.path.join(dirpath, name), st)}, complete))
-        return units, present
-
-    def _dcp_unit(self, directory: str, prefix: str) -> Unit:
-        files: dict[str, tuple[str, os.stat_result]] = {}
-        in_progress = False
-        for dirpath, dirnames, filenames in os.walk(directory):
-            dirnames.sort()
-            rel = os.path.relpath(dirpath, directory)
-            sub = "" if rel == "." else rel.replace(os.sep, "/") + "/"
-            for name in filenames:
-                if name == _DCP_IN_PROGRESS or name.endswith(f"{DCP_MARKER}.tmp"):
-                    in_progress = True
-                if _ignored(name):
-                    continue
-                st = _regular_stat(os.path.join(dirpath, name))
-                if st is not None:
-                    files[prefix + sub + name] = (os.path.join(dirpath, name), st)
-        marker = files.get(prefix + DCP_MARKER)
-        complete = (
-            marker is not None
-            and not in_progress
-            and all(st.st_mtime_ns <= marker[1].st_mtime_ns for _, st in files.values())
-        )
-        return Unit(prefix.rstrip("/"), True, files, complete)
-
     def _sync_file(
         self, unit: Unit, key: str, path: str, st: os.stat_result, report: SyncReport
     ) -> None:
@@ -331,7 +246,7 @@ class Mirror:
         if not forced and record is None and self._adopt(key, st):
             self._count_unchanged(report)
             return
-        data = _read_stable(path, st)
+        data = read_stable(path, st)
         checksum = crc32c(memoryview(data))
         if (
             not forced
@@ -402,146 +317,12 @@ class Mirror:
         report.deleted += deleted
 
 
-# -- rules ------------------------------------------------------------------------------------
-def _is_dcp_dir(filenames: Iterable[str]) -> bool:
-    return any(
-        n in (DCP_MARKER, _DCP_IN_PROGRESS) or n.endswith(_DCP_DATA_SUFFIX) for n in filenames
-    )
-
-
-def _ignored(name: str) -> bool:
-    return name.endswith(_IGNORED_SUFFIXES) or ".tmp-shardckpt-" in name
-
-
-def _marker_key(unit: Unit) -> str:
-    return f"{unit.name}/{DCP_MARKER}" if unit.name else DCP_MARKER
-
-
-def _is_marker(unit: Unit, key: str) -> bool:
-    return key == _marker_key(unit)
-
-
-def _regular_stat(path: str) -> os.stat_result | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return st if (st.st_mode & 0o170000) == 0o100000 else None
-
-
-def _read_stable(path: str, st: os.stat_result) -> bytes:
-    """The file's bytes, if it is still the file ``st`` describes before and after reading."""
-    with open(path, "rb") as f:
-        before = os.fstat(f.fileno())
-        data = f.read()
-        after = os.fstat(f.fileno())
-    same = (before.st_ino, before.st_size, before.st_mtime_ns) == (
-        st.st_ino,
-        st.st_size,
-        st.st_mtime_ns,
-    )
-    if (
-        not same
-        or (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns)
-        or len(data) != st.st_size
-    ):
-        raise _Changed(path)
-    return data
-
-
 def _succeeded(job: Any, report: SyncReport) -> bool:
     try:
         job.result()
         return True
-    except (_Changed, FileNotFoundError):
+    except (FileChanged, FileNotFoundError):
         return False  # changed or vanished under us: a later pass sees the new state
     except Exception as exc:
         report.errors.append(f"{type(exc).__name__}: {exc}")
         return False
-
-
-# -- command line -----------------------------------------------------------------------------
-def add_mirror_command(
-    subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()
-) -> argparse.ArgumentParser:
-    """Add ``mirror LOCAL_DIR URI [--interval 5s] [--once] [--delete]`` to a ``shardckpt``
-    sub-command parser. ``parents`` should supply ``--endpoint``/``--region``/``--profile``/
-    ``--transport`` (the CLI's common options); without parents they are added here."""
-    p = subparsers.add_parser(
-        "mirror",
-        parents=list(parents),
-        help="upload a local checkpoint directory as it changes (complete checkpoints only, markers last)",
-    )
-    p.add_argument("local_dir", help="the directory training saves to")
-    p.add_argument("uri", help="where to mirror it, e.g. s3://bucket/run")
-    p.add_argument(
-        "--interval", type=duration, default=5.0, help="time between passes (default 5s)"
-    )
-    p.add_argument(
-        "--settle",
-        type=duration,
-        help="a plain file counts once unchanged this long (default: interval)",
-    )
-    p.add_argument("--once", action="store_true", help="one pass, then exit")
-    p.add_argument(
-        "--delete", action="store_true", help="delete remote copies of files deleted locally"
-    )
-    p.add_argument("--threads", type=int, default=4, help="parallel uploads (default 4)")
-    if not parents:
-        p.add_argument("--endpoint", help="S3 endpoint URL")
-        p.add_argument("--region", help="S3 region")
-        p.add_argument("--profile", help="AWS credentials profile")
-        p.add_argument(
-            "--transport", choices=["boto3", "crt"], help="S3 client for data (default: boto3)"
-        )
-    p.set_defaults(func=cmd_mirror)
-    return p
-
-
-def cmd_mirror(args: argparse.Namespace) -> int:
-    """Run the mirror in the foreground until interrupted (SIGINT/SIGTERM), then run a last
-    pass; with ``--once`` run one pass. Prints one line per pass that changed something."""
-    options = {k: getattr(args, k, None) for k in ("endpoint", "region", "profile", "transport")}
-    mirror = Mirror(
-        args.local_dir,
-        args.uri,
-        interval=args.interval,
-        settle_s=args.settle,
-        delete=args.delete,
-        num_threads=args.threads,
-        **{k: v for k, v in options.items() if v},
-    )
-    try:
-        if args.once:
-            _print_report(mirror.sync_once(), mirror, always=True)
-            return 0
-        stop = threading.Event()
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
-            while not stop.is_set():
-                try:
-                    _print_report(mirror.sync_once(), mirror)
-                except ShardckptError as exc:
-                    print(f"shardckpt mirror: {exc}", file=sys.stderr)
-                stop.wait(args.interval)
-        except KeyboardInterrupt:
-            pass
-        _print_report(mirror.sync_once(), mirror, always=True)
-        return 0
-    finally:
-        mirror.close()
-
-
-def _print_report(report: SyncReport, mirror: Mirror, *, always: bool = False) -> None:
-    if not (always or report.changed):
-        return
-    stamp = time.strftime("%H:%M:%S")
-    for key in report.uploaded:
-        print(f"{stamp} uploaded {mirror.store.uri(key)}")
-    for key in report.deleted:
-        print(f"{stamp} deleted {mirror.store.uri(key)}")
-    print(
-        f"{stamp} {len(report.uploaded)} uploaded ({report.bytes_uploaded} bytes), {report.unchanged} unchanged, "
-        f"{len(report.deleted)} deleted, {len(report.pending)} pending"
-    )

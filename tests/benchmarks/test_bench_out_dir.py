@@ -1,4 +1,4 @@
-"""A user's ``shardckpt bench`` writes to ./shardckpt-bench, never over the tracked
+"""A user's ``python -m benchmarks`` writes to ./shardckpt-bench, never over the tracked
 benchmarks/results figures; only an explicit ``--out-dir benchmarks/results`` writes there."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import os
 import pytest
 
 from benchmarks.__main__ import parse_args
-from tests.cli.run import ROOT, shardckpt
+from tests.cli.run import ROOT, run_python
 
 TRACKED = os.path.join(ROOT, "benchmarks", "results")
 
@@ -38,7 +38,7 @@ def test_bench_quick_leaves_the_tracked_results_alone(tmp_path) -> None:  # type
     assert "quick.json" in before
     # The quick run, cut to the one system that needs no S3 traffic (about 20 s).
     args = ["--systems", "memcpy", "--world-sizes", "1", "--reps", "1", "--no-count"]
-    done = shardckpt("bench", "--quick", *args, cwd=str(tmp_path))
+    done = run_python("-m", "benchmarks", "--quick", *args, cwd=str(tmp_path))
     assert done.code == 0, done.err[-3000:]
     written = tmp_path / "shardckpt-bench" / "quick.json"
     assert written.exists() and (tmp_path / "shardckpt-bench" / "quick.png").exists()

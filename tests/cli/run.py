@@ -12,6 +12,8 @@ import sys
 import termios
 from dataclasses import dataclass
 
+from tests.conftest import Target
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 300
 
@@ -28,13 +30,18 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
 
 
-def shardckpt(*args: str, cwd: str | None = None) -> Done:
-    """``shardckpt ARGS`` with stdout and stderr piped."""
-    command = [sys.executable, "-m", "shardckpt.cli.main", *args]
+def run_python(*args: str, cwd: str | None = None) -> Done:
+    """``python ARGS`` with this checkout importable, stdout and stderr piped."""
+    command = [sys.executable, *args]
     done = subprocess.run(
         command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S
     )
     return Done(done.returncode, done.stdout, done.stderr)
+
+
+def shardckpt(*args: str, cwd: str | None = None) -> Done:
+    """``shardckpt ARGS`` with stdout and stderr piped."""
+    return run_python("-m", "shardckpt.cli.main", *args, cwd=cwd)
 
 
 def shardckpt_on_a_terminal(*args: str) -> Done:
@@ -64,3 +71,9 @@ def shardckpt_on_a_terminal(*args: str) -> Done:
         if proc.poll() is None:
             proc.kill()
     return Done(code, out, b"".join(chunks).decode(errors="replace"))
+
+
+def endpoint_args(target: Target) -> list[str]:
+    """The command-line options that reach ``target``'s store (none for the local store)."""
+    endpoint = target.options.get("endpoint")
+    return ["--endpoint", str(endpoint)] if endpoint else []

@@ -6,24 +6,14 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 import shardckpt
 from shardckpt import Checkpointer
 from shardckpt.store import open_store
+from tests.cli.run import endpoint_args
 from tests.cli.run import shardckpt as run_cli
-from tests.conftest import Target, make_target
-
-
-@pytest.fixture(params=["local", "moto-boto3"])
-def target(request: pytest.FixtureRequest, tmp_path) -> Target:  # type: ignore[no-untyped-def]
-    return make_target(request.param, request, tmp_path)
-
-
-def _args(target: Target) -> list[str]:
-    endpoint = target.options.get("endpoint")
-    return ["--endpoint", str(endpoint)] if endpoint else []
+from tests.conftest import Target
 
 
 def _top(target: Target) -> str:
@@ -32,7 +22,7 @@ def _top(target: Target) -> str:
 
 
 def _ls(target: Target, uri: str, *args: str) -> tuple[list[dict[str, object]], str]:
-    done = run_cli("ls", uri, "--json", *args, *_args(target))
+    done = run_cli("ls", uri, "--json", *args, *endpoint_args(target))
     assert done.code == 0, done.err
     return json.loads(done.out), done.err
 
@@ -81,7 +71,7 @@ def test_ls_says_when_it_finds_nothing(target: Target) -> None:
     assert rows == []
     uri = open_store(f"{top}nothing/here", **target.options).uri()
     assert err.startswith(f"shardckpt: no checkpoints under {uri} (looked 3 levels deep)")
-    done = run_cli("ls", top, "--depth", "1", *_args(target))
+    done = run_cli("ls", top, "--depth", "1", *endpoint_args(target))
     assert done.code == 0 and "(looked 1 level deep)" in done.err
     assert done.out.strip().startswith("STEP")  # the (empty) table's header
     open_store(target.uri, **target.options).put("attempt-0123456789abcdef/rank0-000000", [b"x"])
@@ -111,7 +101,7 @@ def test_ls_shows_the_committed_checkpoint_not_an_interrupted_saves_leftovers(
     rows, _ = _ls(target, target.uri)
     assert [(r["status"], r["bytes"], r["objects"]) for r in rows] == [("committed", 12, 1)]
     assert store.head(leftover) is not None  # nothing was deleted to make it so
-    done = run_cli("ls", target.uri, *_args(target))
+    done = run_cli("ls", target.uri, *endpoint_args(target))
     assert "12 B" in done.out and "MiB" not in done.out
 
 
@@ -132,12 +122,12 @@ def test_ls_all_labels_a_retired_incremental_base_for_what_it_is(target: Target)
     assert retired["note"] == "data used by step-2, step-3"
     assert retired["used_by"] == [store.uri("step-0000000002"), store.uri("step-0000000003")]
     assert retired["bytes"] >= frozen.nbytes and retired["objects"] == 1
-    done = run_cli("ls", target.uri, "--all", *_args(target))
+    done = run_cli("ls", target.uri, "--all", *endpoint_args(target))
     line = next(x for x in done.out.splitlines() if "step-0000000001" in x)
     assert "retired" in line and "(data used by step-2, step-3)" in line
     assert "garbage" not in line and "incomplete" not in done.out
     # gc agrees: nothing of it is garbage.
-    done = run_cli("gc", target.uri, "--grace", "0s", "--dry-run", *_args(target))
+    done = run_cli("gc", target.uri, "--grace", "0s", "--dry-run", *endpoint_args(target))
     assert done.code == 0 and "step-0000000001" not in done.out, done.out
     committed = [r for r in rows if r["status"] == "committed"]
     assert all(r["bytes"] > frozen.nbytes and r["world_size"] == 1 for r in committed)

@@ -17,11 +17,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
 from shardckpt._util.duration import duration
+from shardckpt.cli.mirror import add_mirror_command
+from shardckpt.cli.options import common_parser
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.store.base import Buffer
 from shardckpt.store.s3_boto import BotoS3Store
 from shardckpt.store.s3_config import S3Config
-from shardckpt.tools.mirror import Mirror, add_mirror_command
+from shardckpt.tools.mirror import Mirror
 from shardckpt.uri import parse_uri
 from tests.conftest import Target, make_target
 
@@ -197,11 +199,9 @@ def test_background_thread_and_restart_adopt_remote_copies(
 def test_cli_once(tmp_path: Path, s3: Target, capsys: pytest.CaptureFixture[str]) -> None:
     local = _local(tmp_path)
     _dcp_save(_state(5), local / "ckpt")
-    common = argparse.ArgumentParser(add_help=False)
-    for option in ("--endpoint", "--region", "--profile", "--transport"):
-        common.add_argument(option)
     parser = argparse.ArgumentParser(prog="shardckpt")
-    add_mirror_command(parser.add_subparsers(dest="command", required=True), parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_mirror_command(sub, parents=[common_parser()])
     args = parser.parse_args(
         [
             "mirror",
