@@ -37,7 +37,8 @@ from torch.distributed.checkpoint.storage import WriteResult
 from shardckpt.dcp.planner import UNCHANGED, ShardSavePlanner
 from shardckpt.dcp.writer import RankReport, WriterOptions, build_manifest, commit
 from shardckpt.format.layout import Layout, new_attempt_id
-from shardckpt.format.manifest import Manifest, ObjectRecord, RankItems, StreamRecord, read_manifest
+from shardckpt.format.manifest import Manifest, read_manifest
+from shardckpt.format.records import ObjectRecord, RankItems, StreamRecord
 from shardckpt.store import LocalStore
 
 MiB = 1 << 20

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from shardckpt.format.manifest import Manifest, StreamRecord
+from shardckpt.format.manifest import Manifest
+from shardckpt.format.records import StreamRecord
 
 
 @dataclass(frozen=True)

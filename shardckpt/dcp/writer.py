@@ -39,7 +39,8 @@ from shardckpt.errors import (
     SaveFailedError,
 )
 from shardckpt.format.layout import Layout, new_attempt_id
-from shardckpt.format.manifest import Manifest, ObjectRecord, RankItems, StreamRecord
+from shardckpt.format.manifest import Manifest
+from shardckpt.format.records import ObjectRecord, RankItems, StreamRecord
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.store.base import gather, slice_views
 from shardckpt.store.retry import cancelled_by

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from shardckpt._util.bytes import crc32c, crc32c_combine, empty_bytes
 from shardckpt.errors import StoreError
 from shardckpt.format.layout import Layout
-from shardckpt.format.manifest import Manifest, ObjectRecord, read_manifest
+from shardckpt.format.manifest import Manifest, read_manifest
+from shardckpt.format.records import ObjectRecord
 from shardckpt.store import ObjectStore
 
 _READ_CHUNK = 16 << 20
