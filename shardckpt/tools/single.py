@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from shardckpt._util.abort import wait_or_abort
 from shardckpt._util.quiet import single_process_dcp
+from shardckpt._util.tree import map_leaves
 from shardckpt.dcp.reader import ShardReader
 from shardckpt.dcp.writer import ShardWriter
 from shardckpt.errors import CheckpointError, SaveFailedError, from_dcp
@@ -79,7 +80,8 @@ def load(
         except CheckpointException as exc:
             raise from_dcp(exc, f"load of {reader.uri}", CheckpointError)  # noqa: B904 (has its cause)
     if map_location is not None:
-        state = _move(state, torch.device(map_location))
+        device = torch.device(map_location)
+        state = map_leaves(state, lambda _, tensor: tensor.to(device))
     return state[_WRAPPED] if set(state) == {_WRAPPED} else state
 
 
@@ -114,13 +116,3 @@ def _reporting(
         stop.set()
         thread.join()
         report()
-
-
-def _move(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _move(v, device) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_move(v, device) for v in value)
-    return value
