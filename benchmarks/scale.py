@@ -34,10 +34,12 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
+from shardckpt.dcp.commit import RankReport, build_manifest, commit
 from shardckpt.dcp.planner import UNCHANGED, ShardSavePlanner
-from shardckpt.dcp.writer import RankReport, WriterOptions, build_manifest, commit
+from shardckpt.dcp.writer import WriterOptions
 from shardckpt.format.layout import Layout, new_attempt_id
-from shardckpt.format.manifest import Manifest, ObjectRecord, RankItems, StreamRecord, read_manifest
+from shardckpt.format.manifest import Manifest, read_manifest
+from shardckpt.format.records import ObjectRecord, RankItems, StreamRecord
 from shardckpt.store import LocalStore
 
 MiB = 1 << 20

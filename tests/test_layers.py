@@ -14,7 +14,8 @@ PACKAGE = pathlib.Path(shardckpt.__file__).parent
 # Lowest first. Each entry is one layer; packages within one layer do not import each other.
 LAYERS: list[set[str]] = [
     {"errors"},
-    {"_util", "uri", "compat"},
+    {"compat"},
+    {"_util", "uri"},
     {"store"},
     {"format"},
     {"dcp", "retention"},

@@ -29,21 +29,16 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 
 from shardckpt._util.bytes import byte_view_of, crc32c_of, each_view, empty_bytes
-from shardckpt.compat import flatten_state_dict, narrow_to_chunk
+from shardckpt.compat import narrow_to_chunk
+from shardckpt.dcp.load_checks import check_safe_to_unpickle
 from shardckpt.errors import (
     ChecksumMismatchError,
     ManifestError,
     ShardckptError,
-    StateDictMismatchError,
 )
 from shardckpt.format.layout import Layout
-from shardckpt.format.manifest import (  # read_manifest: importable from here, as it always was
-    ItemLocation,
-    Manifest,
-    ObjectRecord,
-    StreamRecord,
-    read_manifest,
-)
+from shardckpt.format.manifest import Manifest, read_manifest
+from shardckpt.format.records import ItemLocation, ObjectRecord, StreamRecord
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.uri import parse_uri
 
@@ -80,9 +75,15 @@ class ShardReader(StorageReader):
         trusted: bool = False,
         shared_fetch: bool = False,
         process_group: dist.ProcessGroup | None = None,
+        store: ObjectStore | None = None,
+        layout: Layout | None = None,
         **store_options: Any,
     ) -> None:
+        """``store`` and ``layout``: read through this open store (shared, e.g. a
+        Checkpointer's) at this checkpoint's layout, instead of opening ``uri``."""
         super().__init__()
+        if store is not None and store_options:
+            raise TypeError(f"store options {sorted(store_options)} given with an open store")
         self.shared_fetch = shared_fetch
         self.process_group = process_group
         parse_uri(uri)
@@ -90,18 +91,19 @@ class ShardReader(StorageReader):
         self.num_threads = num_threads
         self.trusted = trusted
         self._store_options = store_options
-        self._store: ObjectStore | None = None
-        self._layout = Layout()
+        self._store = store
+        self._layout = layout or Layout()
         self.manifest: Manifest | None = None
         self.load_id = _new_id()  # DCP's StorageMeta.load_id: one per load
 
     @classmethod
-    def _for_checkpoint(
+    def for_checkpoint(
         cls, store: ObjectStore, layout: Layout, uri: str, **options: Any
     ) -> ShardReader:
-        reader = cls(uri, **options)
-        reader._store, reader._layout = store, layout
-        return reader
+        """A reader for one checkpoint of a :class:`Checkpointer`, sharing its store."""
+        return cls(uri, store=store, layout=layout, **options)
+
+    _for_checkpoint = for_checkpoint  # the old name, until the engine and Lightning switch
 
     @property
     def store(self) -> ObjectStore:
@@ -283,7 +285,7 @@ class ShardReader(StorageReader):
         if item.type == LoadItemType.BYTE_IO:
             data = bytes(dest.buffer)
             if not self.trusted:
-                _check_safe_to_unpickle(data, item.storage_index.fqn, self.uri)
+                check_safe_to_unpickle(data, item.storage_index.fqn, self.uri)
             planner.load_bytes(item, io.BytesIO(data))
             return
         assert dest.target is not None
@@ -364,47 +366,6 @@ def _coalesce(
             requests.append((key, start, [view]))
         end = start + len(view)
     return requests
-
-
-def check_state_dict(state_dict: dict[str, Any], metadata: Metadata, uri: str) -> None:
-    """Raise :class:`StateDictMismatchError` if the checkpoint cannot fill ``state_dict``:
-    keys it lacks, or tensors whose (global) shape differs from the saved one."""
-    flat = flatten_state_dict(state_dict)
-    saved = metadata.state_dict_metadata
-    missing = [k for k in flat if k not in saved]
-    shapes = [
-        f"{k}: saved {list(saved[k].size)}, given {list(v.shape)}"
-        for k, v in flat.items()
-        if k in saved
-        and isinstance(v, torch.Tensor)
-        and isinstance(saved[k], TensorStorageMetadata)
-        and saved[k].size != v.shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} keys not in the checkpoint: {', '.join(missing[:10])}")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches: {'; '.join(shapes[:10])}")
-    if problems:
-        raise StateDictMismatchError(f"{uri} cannot fill this state dict: " + "; ".join(problems))
-
-
-# Unpickling a BytesIO only restores its buffer (no code runs), and DCP pickles BytesIO
-# values like any other: they load without ``trusted=True``.
-_SAFE_EXTRA = [io.BytesIO]
-
-
-def _check_safe_to_unpickle(data: bytes, fqn: str, uri: str) -> None:
-    """Refuse a non-tensor value whose pickle needs more than torch's safe allowlist (plus
-    ``io.BytesIO``): DCP's planner unpickles it fully."""
-    try:
-        with torch.serialization.safe_globals(_SAFE_EXTRA):
-            torch.load(io.BytesIO(data), weights_only=True)
-    except Exception as exc:
-        raise ManifestError(
-            f"{uri}: value {fqn!r} needs full unpickling, which can run code from the bucket; "
-            f"pass trusted=True only for checkpoints you trust ({type(exc).__name__}: {str(exc)[:200]})"
-        ) from None
 
 
 def _new_id() -> str:

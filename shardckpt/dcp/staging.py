@@ -23,14 +23,13 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.staging import AsyncStager
-from torch.distributed.tensor import DTensor
 
-from shardckpt.compat import dtensor_like, pin_host_memory, unpin_host_memory
+from shardckpt._util.tree import Path, map_leaves, tensor_leaves
+from shardckpt.compat import pin_host_memory, unpin_host_memory
 from shardckpt.errors import SaveFailedError
 
 logger = logging.getLogger(__name__)
 
-Path = tuple[Any, ...]
 Spec = tuple[tuple[int, ...], torch.dtype]
 _ALIGN = 4096  # slab offsets: page-aligned, so every dtype view is aligned too
 
@@ -103,15 +102,9 @@ class HostStaging:
         background thread (``defer_cpu``) or before returning. Until the wait function has
         returned, ``state_dict`` must not be modified (see the Checkpointer's overlap mode)."""
         with self._lock:
-            tensors: dict[Path, torch.Tensor] = {}
-
-            def collect(path: Path, tensor: torch.Tensor) -> torch.Tensor:
-                tensors[path] = tensor.detach()
-                return tensor
-
-            _walk(state_dict, (), collect, _same)
+            tensors = {path: t.detach() for path, t in tensor_leaves(state_dict).items()}
             self._allocate(tensors)
-            staged = _walk(state_dict, (), lambda path, _: self._buffers[path], _deepcopy)
+            staged = map_leaves(state_dict, lambda path, _: self._buffers[path], _deepcopy)
             copies = [(self._buffers[path], t) for path, t in tensors.items()]
             device_copies = [(b, t) for b, t in copies if t.device.type != "cpu"]
             host_copies = [(b, t) for b, t in copies if t.device.type == "cpu"]
@@ -180,31 +173,6 @@ class HostStaging:
             self._copier.shutdown(wait=True)
             self._buffers.clear()
             self._slab, self._slab_layout = None, {}
-
-
-def _walk(
-    value: Any,
-    path: Path,
-    on_tensor: Callable[[Path, torch.Tensor], torch.Tensor],
-    on_other: Callable[[Path, Any], Any],
-) -> Any:
-    """``value`` rebuilt with ``on_tensor`` applied to every tensor (a DTensor's local
-    shard) and ``on_other`` to every other leaf, through dicts, lists and tuples."""
-    if isinstance(value, DTensor):
-        local = value.to_local()
-        staged = on_tensor(path, local)
-        return value if staged is local else dtensor_like(value, staged)
-    if isinstance(value, torch.Tensor):
-        return on_tensor(path, value)
-    if isinstance(value, dict):
-        return {k: _walk(v, (*path, k), on_tensor, on_other) for k, v in value.items()}
-    if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
-        return type(value)(_walk(v, (*path, i), on_tensor, on_other) for i, v in enumerate(value))
-    return on_other(path, value)
-
-
-def _same(path: Path, value: Any) -> Any:
-    return value
 
 
 def _deepcopy(path: Path, value: Any) -> Any:

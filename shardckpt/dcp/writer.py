@@ -24,22 +24,21 @@ from torch.distributed.checkpoint.metadata import (
     Metadata,
     MetadataIndex,
     StorageMeta,
-    TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
 from shardckpt._util.abort import AbortSwitch
-from shardckpt._util.bytes import crc32c, crc32c_of, each_view, per_view, tensor_bytes, xxh3_of
-from shardckpt.dcp.incremental import ContentIndex, Reuse
+from shardckpt._util.bytes import crc32c, crc32c_of, per_view, tensor_bytes
+from shardckpt.dcp.commit import RankReport, build_manifest, commit
+from shardckpt.dcp.incremental import ContentIndex, write_incremental
 from shardckpt.errors import (
     CheckpointExistsError,
-    ObjectExistsError,
-    ObjectNotFoundError,
     SaveFailedError,
 )
 from shardckpt.format.layout import Layout, new_attempt_id
-from shardckpt.format.manifest import Manifest, ObjectRecord, RankItems, StreamRecord
+from shardckpt.format.manifest import Manifest
+from shardckpt.format.records import ObjectRecord, RankItems, StreamRecord
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.store.base import gather, slice_views
 from shardckpt.store.retry import cancelled_by
@@ -82,40 +81,62 @@ class WriterOptions:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
 
 
-def _split_options(options: dict[str, Any]) -> tuple[WriterOptions, dict[str, Any]]:
+def split_options(options: dict[str, Any]) -> tuple[WriterOptions, dict[str, Any]]:
+    """``options`` (a writer's, a Checkpointer's, the Lightning plugin's) split into the
+    :class:`WriterOptions` and the rest: the store's options."""
     names = set(WriterOptions.__dataclass_fields__)
     return WriterOptions(**{k: v for k, v in options.items() if k in names}), {
         k: v for k, v in options.items() if k not in names
     }
 
 
+_split_options = split_options  # the old name, until the engine and Lightning use the new one
+
+
 class ShardWriter(StorageWriter):
     """Write a DCP checkpoint to ``uri`` (``s3://bucket/prefix``, ``file://`` or a path).
 
     Options: those of :class:`WriterOptions` and of the store (``endpoint``, ``region``,
-    ``profile``, ``transport``, ...). Use with ``dcp.save``, ``dcp.async_save``, or the
+    ``profile``, ``transport``, ...); see ``__init__`` for writing through an open store. Use with ``dcp.save``, ``dcp.async_save``, or the
     :class:`~shardckpt.Checkpointer`. ``abort_switch.abort()`` (from another thread) stops
     its save: no object is started after it, requests in flight stop, nothing is committed.
     """
 
-    def __init__(self, uri: str | os.PathLike[str], **options: Any) -> None:
+    def __init__(
+        self,
+        uri: str | os.PathLike[str],
+        *,
+        store: ObjectStore | None = None,
+        layout: Layout | None = None,
+        attributes: dict[str, Any] | None = None,
+        base: ContentIndex | None = None,
+        abort_switch: AbortSwitch | None = None,
+        **options: Any,
+    ) -> None:
+        """``store`` and ``layout``: write through this open store (shared, e.g. a
+        Checkpointer's) at this checkpoint's layout, instead of opening ``uri``;
+        ``attributes``: recorded in the manifest; ``base``: make the save incremental
+        against it; ``abort_switch``: one the caller holds."""
         super().__init__()
-        self.options, self._store_options = _split_options(options)
+        self.options, self._store_options = split_options(options)
+        if store is not None and self._store_options:
+            raise TypeError(f"store options {sorted(self._store_options)} given with an open store")
         self._store: ObjectStore | None = None
-        self._layout = Layout(fanout=self.options.fanout)
         self._reset_uri(uri)
-        self._attributes: dict[str, Any] = {}
+        self._store = store
+        self._layout = layout or Layout(fanout=self.options.fanout)
+        self._attributes = attributes or {}
         self.is_coordinator = False
         self.rank = 0
         self.attempt = new_attempt_id()
         self.last_manifest: Manifest | None = None
         self.last_stream: StreamRecord | None = None
-        self.base: ContentIndex | None = None  # set: an incremental save against it
+        self.base = base  # set: an incremental save against it
         self.last_reused = 0  # bytes the last save reused instead of uploading
-        self.abort_switch = AbortSwitch()
+        self.abort_switch = abort_switch or AbortSwitch()
 
     @classmethod
-    def _for_checkpoint(
+    def for_checkpoint(
         cls,
         store: ObjectStore,
         layout: Layout,
@@ -126,17 +147,17 @@ class ShardWriter(StorageWriter):
         abort_switch: AbortSwitch | None = None,
     ) -> ShardWriter:
         """A writer for one checkpoint of a :class:`Checkpointer`, sharing its store."""
-        writer = cls.__new__(cls)
-        StorageWriter.__init__(writer)
-        writer.options, writer._store_options = options, {}
-        writer._store, writer._layout, writer.uri = store, layout, uri
-        writer._attributes = attributes
-        writer.is_coordinator, writer.rank, writer.attempt = False, 0, new_attempt_id()
-        writer.last_manifest = None
-        writer.last_stream = None
-        writer.base, writer.last_reused = base, 0
-        writer.abort_switch = abort_switch or AbortSwitch()
-        return writer
+        return cls(
+            uri,
+            store=store,
+            layout=layout,
+            attributes=attributes,
+            base=base,
+            abort_switch=abort_switch,
+            **dataclasses.asdict(options),
+        )
+
+    _for_checkpoint = for_checkpoint  # the old name, until the engine and Lightning switch
 
     def _reset_uri(self, uri: str | os.PathLike[str]) -> None:
         parse_uri(uri)  # fail fast on a bad URI
@@ -244,7 +265,9 @@ class ShardWriter(StorageWriter):
                 items = RankItems(self.rank, -1, fqns, chunks, offsets, lengths, crcs)
                 report = RankReport(stream, items)
             else:
-                report = self._write_incremental(pool, self.base, fqns, chunks, views, lengths)
+                report, self.last_reused = write_incremental(
+                    pool, self.base, self._upload, self.rank, fqns, chunks, views, lengths
+                )
         logger.debug(
             "rank %d wrote %d bytes in %d objects in %.3fs",
             self.rank,
@@ -290,147 +313,3 @@ class ShardWriter(StorageWriter):
         done = gather([*uploads, *sums])
         stream = StreamRecord(self.rank, object_size, tuple(done[:count]))
         return stream, offsets, [c for part in done[count:] for c in part]
-
-    def _write_incremental(
-        self,
-        pool: ThreadPoolExecutor,
-        base: ContentIndex,
-        fqns: list[str],
-        chunks: list[list[int] | None],
-        views: list[memoryview],
-        lengths: list[int],
-    ) -> RankReport:
-        crcs = each_view(pool, crc32c_of, views)
-        candidates = [base.candidate(len(v), c) for v, c in zip(views, crcs, strict=True)]
-        maybe = [i for i, found in enumerate(candidates) if found is not None]
-        confirm = each_view(pool, xxh3_of, [views[i] for i in maybe])
-        hashes: list[int] = [0] * len(views)
-        reused: dict[int, Reuse] = {}
-        for i, xxh3 in zip(maybe, confirm, strict=True):
-            hashes[i] = xxh3
-            found = candidates[i]
-            if found is not None and found.xxh3 == xxh3:
-                reused[i] = found
-        fresh = [i for i in range(len(views)) if i not in reused]
-        stream, fresh_offsets, fresh_hashes = self._upload(pool, [views[i] for i in fresh], xxh3_of)
-        # Item streams are local here: 0 is this rank's stream, k > 0 is foreign[k - 1].
-        foreign: dict[StreamRecord, int] = {}
-        item_streams, offsets = [0] * len(views), [0] * len(views)
-        for i, offset, xxh3 in zip(fresh, fresh_offsets, fresh_hashes, strict=True):
-            offsets[i], hashes[i] = offset, xxh3
-        for i, found in reused.items():
-            item_streams[i] = foreign.setdefault(found.stream, len(foreign) + 1)
-            offsets[i] = found.offset
-        items = RankItems(self.rank, item_streams, fqns, chunks, offsets, lengths, crcs, hashes)
-        self.last_reused = sum(lengths[i] for i in reused)
-        return RankReport(stream, items, tuple(foreign))
-
-
-@dataclass(frozen=True)
-class RankReport:
-    """What a rank sends the coordinator after its upload (DCP gathers one per rank): its
-    stream's objects and its items, as columns (one object, not one per item: gathering a
-    million write results would cost more than the rest of the commit). In an incremental
-    save, ``foreign`` lists the earlier streams its items reuse; the items' streams are then
-    local (0: its own, k: ``foreign[k - 1]``)."""
-
-    stream: StreamRecord
-    items: RankItems
-    foreign: tuple[StreamRecord, ...] = ()
-
-
-def build_manifest(
-    metadata: Metadata, results: list[list[WriteResult]], attributes: dict[str, Any]
-) -> Manifest:
-    """The manifest of a save from every rank's report: the ranks' streams first (stream
-    ``r`` is rank ``r``'s), then the earlier streams incremental saves reuse, once each."""
-    reports = [wr.storage_data for rank_results in results for wr in rank_results]
-    if not all(isinstance(r, RankReport) for r in reports):
-        raise SaveFailedError("a rank reported write results that ShardWriter did not make")
-    reports.sort(key=lambda r: r.stream.rank)
-    written = sum(len(r.items.fqns) for r in reports)
-    planned = sum(
-        len(md.chunks) if isinstance(md, TensorStorageMetadata) else 1
-        for md in metadata.state_dict_metadata.values()
-    )
-    if written != planned:
-        raise SaveFailedError(f"the ranks wrote {written} items, but the plan has {planned}")
-    streams = [r.stream for r in reports]
-    foreign: dict[StreamRecord, int] = {}
-    tables = []
-    for own, report in enumerate(reports):
-        if isinstance(report.items.stream, int):
-            tables.append(dataclasses.replace(report.items, stream=own))
-            continue
-        mapping = [own] + [
-            foreign.setdefault(s, len(streams) + len(foreign)) for s in report.foreign
-        ]
-        tables.append(
-            dataclasses.replace(report.items, stream=[mapping[k] for k in report.items.stream])
-        )
-    return Manifest(
-        metadata, streams + list(foreign), tables, world_size=len(results), attributes=attributes
-    )
-
-
-def commit(store: ObjectStore, layout: Layout, manifest: Manifest, *, overwrite: bool) -> None:
-    """Write the manifest: the commit point. Conditional unless ``overwrite``. First check
-    that every object it names is there (see :func:`check_objects_exist`)."""
-    check_objects_exist(store, layout, manifest)
-    key = layout.manifest_key
-    data = manifest.to_json()
-    try:
-        store.put(key, [data], if_absent=not overwrite)
-    except ObjectExistsError:
-        if _stored_manifest(store, key) == data:
-            # Our first attempt was stored but its reply was lost; the retry found it.
-            logger.info(
-                "%s: the commit's reply was lost, but the stored manifest is ours", store.uri(key)
-            )
-        else:
-            raise CheckpointExistsError(
-                f"{store.uri(key)} already exists (another writer committed first); "
-                "this save's data is garbage for gc; pass overwrite=True to replace a checkpoint"
-            ) from None
-    logger.info(
-        "committed %s: %d ranks, %d objects, %d bytes",
-        store.uri(key),
-        manifest.world_size,
-        len(manifest.objects),
-        manifest.total_bytes,
-    )
-
-
-def check_objects_exist(store: ObjectStore, layout: Layout, manifest: Manifest) -> None:
-    """Raise :class:`SaveFailedError` naming the key unless every object ``manifest`` names
-    exists with its size. gc deletes unreferenced data older than its grace period, so the
-    data of a save that outlasts it may be gone; the manifest must never name deleted data.
-    One LIST for the checkpoint's own objects, a HEAD for each object of a sibling
-    checkpoint that an incremental save reuses."""
-    own = {o.key: o.size for o in store.list(layout.data_prefix)}
-
-    def size(key: str, home: str) -> int | None:
-        if not home:
-            return own.get(key)
-        info = store.head(key)
-        return None if info is None else info.size
-
-    wanted = [
-        (layout.resolve(o.key, s.home), s.home, o.size) for s in manifest.streams for o in s.objects
-    ]
-    with ThreadPoolExecutor(8, thread_name_prefix="shardckpt-check") as pool:
-        found = list(pool.map(lambda w: size(w[0], w[1]), wanted))
-    for (key, _, expected), got in zip(wanted, found, strict=True):
-        if got != expected:
-            state = "is missing" if got is None else f"has {got} bytes, not {expected}"
-            raise SaveFailedError(
-                f"{store.uri(key)} {state} at commit time (deleted by gc while the save ran "
-                "longer than its grace period?); no manifest was written"
-            )
-
-
-def _stored_manifest(store: ObjectStore, key: str) -> bytes | None:
-    try:
-        return store.get(key)
-    except ObjectNotFoundError:
-        return None

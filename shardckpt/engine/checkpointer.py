@@ -30,8 +30,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from shardckpt._util.abort import AbortSwitch, wait_or_abort
 from shardckpt._util.quiet import single_process_dcp
 from shardckpt.dcp.incremental import ContentIndex
+from shardckpt.dcp.load_checks import check_state_dict
 from shardckpt.dcp.planner import ShardSavePlanner
-from shardckpt.dcp.reader import ShardReader, check_state_dict, read_manifest
+from shardckpt.dcp.reader import ShardReader
 from shardckpt.dcp.staging import HostStaging
 from shardckpt.dcp.writer import ShardWriter, _split_options
 from shardckpt.errors import (
@@ -46,6 +47,7 @@ from shardckpt.errors import (
 )
 from shardckpt.format.catalog import committed_steps, step_name
 from shardckpt.format.layout import Layout
+from shardckpt.format.manifest import read_manifest
 from shardckpt.retention.deletion import retire_checkpoints
 from shardckpt.retention.garbage import GcReport, collect_garbage
 from shardckpt.store import LocalStore, open_store

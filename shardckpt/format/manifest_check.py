@@ -4,9 +4,9 @@ A manifest comes from a bucket. Its checksum catches a flipped bit, but an edite
 miswritten one must not make a load allocate terabytes (a tensor size, an item length, a list
 index in the planner data), divide by zero (``object_size``), fetch another checkpoint's data
 (a key or a stream's home) or fail deep inside DCP with a misleading "Missing key" (a renamed
-path). Each field was type- and range-checked as it was read (``manifest.py``); here every one
-is checked against the others it constrains, in time linear in the items, and the first
-problem is one error naming the field.
+path). Each field was type- and range-checked as it was read (``manifest_fields.py``); here
+every one is checked against the others it constrains, in time linear in the items, and the
+first problem is one error naming the field.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from shardckpt.format.chunks import check_chunks
 from shardckpt.format.layout import DATA_NAME, STEP_NAME
 
 if TYPE_CHECKING:
-    from shardckpt.format.manifest import Manifest, StreamRecord
+    from shardckpt.format.manifest import Manifest
+    from shardckpt.format.records import StreamRecord
 
 INT_END = 1 << 63  # sizes, offsets and counts fit an int64 (torch.Size, numpy)
 

@@ -68,7 +68,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from shardckpt._util.quiet import single_process_dcp
 from shardckpt.compat import load_all
-from shardckpt.dcp.reader import ShardReader, read_manifest
+from shardckpt.dcp.reader import ShardReader
 from shardckpt.dcp.staging import HostStaging
 from shardckpt.dcp.writer import ShardWriter, _split_options
 from shardckpt.errors import (
@@ -81,6 +81,7 @@ from shardckpt.errors import (
     from_dcp,
 )
 from shardckpt.format.layout import Layout
+from shardckpt.format.manifest import read_manifest
 from shardckpt.retention.deletion import delete_replaced, keys_in_use, retire_checkpoints
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.uri import Location, parse_uri

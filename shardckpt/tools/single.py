@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from shardckpt._util.abort import wait_or_abort
 from shardckpt._util.quiet import single_process_dcp
+from shardckpt._util.tree import map_leaves
 from shardckpt.compat import load_all
 from shardckpt.dcp.reader import ShardReader
 from shardckpt.dcp.writer import ShardWriter
@@ -72,7 +73,8 @@ def load(
         except CheckpointException as exc:
             raise from_dcp(exc, f"load of {reader.uri}", CheckpointError)  # noqa: B904 (has its cause)
     if map_location is not None:
-        state = _move(state, torch.device(map_location))
+        device = torch.device(map_location)
+        state = map_leaves(state, lambda _, tensor: tensor.to(device))
     return state[_WRAPPED] if set(state) == {_WRAPPED} else state
 
 
@@ -107,13 +109,3 @@ def _reporting(
         stop.set()
         thread.join()
         report()
-
-
-def _move(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _move(v, device) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_move(v, device) for v in value)
-    return value

@@ -17,11 +17,13 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 from shardckpt._util.bytes import crc32c, crc32c_combine, empty_bytes
 from shardckpt.errors import StoreError
 from shardckpt.format.layout import Layout
-from shardckpt.format.manifest import Manifest, ObjectRecord, read_manifest
+from shardckpt.format.manifest import Manifest, read_manifest
+from shardckpt.format.records import ObjectRecord
 from shardckpt.store import ObjectStore
 
 _READ_CHUNK = 16 << 20
@@ -63,35 +65,8 @@ def verify_checkpoint(
     ranges = _item_ranges(manifest)
     firsts = _first_objects(manifest)
     pieces = _pieces_per_object(manifest, ranges, firsts)
-
-    def check(key: str, obj: ObjectRecord, mine: list[_Piece]) -> tuple[str | None, list[int]]:
-        try:
-            info = store.head(key)
-            if info is None:
-                return "missing", []
-            if info.size != obj.size:
-                return f"size {info.size}, manifest says {obj.size}", []
-            checksum, sums = 0, [0] * len(mine)
-            ends = [at + n for _, at, n in mine]  # ascending: the pieces are disjoint
-            for start in range(0, obj.size, _READ_CHUNK):
-                chunk = empty_bytes(min(_READ_CHUNK, obj.size - start))
-                store.get_into(key, start, [chunk])
-                checksum = crc32c(chunk, checksum)
-                if on_bytes is not None:
-                    on_bytes(len(chunk), manifest.total_bytes)
-                end = start + len(chunk)
-                i = bisect_right(ends, start)  # the first piece that ends in this chunk or later
-                while i < len(mine) and mine[i][1] < end:
-                    lo, hi = max(mine[i][1], start), min(ends[i], end)
-                    sums[i] = crc32c(chunk[lo - start : hi - start], sums[i])
-                    i += 1
-            if checksum != obj.crc32c:
-                return f"CRC32C {checksum:#010x}, manifest says {obj.crc32c:#010x}", []
-        except StoreError as exc:
-            return str(exc), []
-        return None, sums
-
     with ThreadPoolExecutor(num_threads) as pool:
+        check = partial(_check_object, store, on_bytes=on_bytes, total=manifest.total_bytes)
         results = list(pool.map(check, keys, manifest.objects, pieces))
     sums: dict[_Range, list[tuple[int, int]]] = defaultdict(list)
     damaged: set[_Range] = set()  # items in a damaged object: the object is reported
@@ -119,6 +94,43 @@ def verify_checkpoint(
         )
         report.problems[uri] = "; ".join(filter(None, [report.problems.get(uri), problem]))
     return report
+
+
+def _check_object(
+    store: ObjectStore,
+    key: str,
+    obj: ObjectRecord,
+    mine: list[_Piece],
+    on_bytes: Callable[[int, int], None] | None,
+    total: int,
+) -> tuple[str | None, list[int]]:
+    """Read the object at ``key`` and check it against ``obj``: what is wrong with it (None:
+    nothing), and the CRC32C of each of the item pieces ``mine`` in it."""
+    try:
+        info = store.head(key)
+        if info is None:
+            return "missing", []
+        if info.size != obj.size:
+            return f"size {info.size}, manifest says {obj.size}", []
+        checksum, sums = 0, [0] * len(mine)
+        ends = [at + n for _, at, n in mine]  # ascending: the pieces are disjoint
+        for start in range(0, obj.size, _READ_CHUNK):
+            chunk = empty_bytes(min(_READ_CHUNK, obj.size - start))
+            store.get_into(key, start, [chunk])
+            checksum = crc32c(chunk, checksum)
+            if on_bytes is not None:
+                on_bytes(len(chunk), total)
+            end = start + len(chunk)
+            i = bisect_right(ends, start)  # the first piece that ends in this chunk or later
+            while i < len(mine) and mine[i][1] < end:
+                lo, hi = max(mine[i][1], start), min(ends[i], end)
+                sums[i] = crc32c(chunk[lo - start : hi - start], sums[i])
+                i += 1
+        if checksum != obj.crc32c:
+            return f"CRC32C {checksum:#010x}, manifest says {obj.crc32c:#010x}", []
+    except StoreError as exc:
+        return str(exc), []
+    return None, sums
 
 
 def _item_ranges(manifest: Manifest) -> dict[_Range, tuple[str, int]]:

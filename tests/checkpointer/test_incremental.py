@@ -13,9 +13,9 @@ import torch.distributed.checkpoint as dcp
 
 from shardckpt import Checkpointer, ManifestError, ShardReader
 from shardckpt.cli.main import main
-from shardckpt.dcp.reader import read_manifest
 from shardckpt.format.catalog import step_name
 from shardckpt.format.layout import Layout
+from shardckpt.format.manifest import read_manifest
 from shardckpt.retention.garbage import collect_garbage, retire_checkpoints
 from shardckpt.store import RetryPolicy, open_store
 from shardckpt.tools.verify import verify_checkpoint

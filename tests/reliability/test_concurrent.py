@@ -18,9 +18,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from shardckpt import ShardReader, ShardWriter
-from shardckpt.dcp.reader import read_manifest
 from shardckpt.errors import ConditionalPutUnsupportedError
 from shardckpt.format.layout import Layout
+from shardckpt.format.manifest import read_manifest
 from shardckpt.retention.garbage import collect_garbage
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.testing.servers import LocalS3Server

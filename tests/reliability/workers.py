@@ -43,9 +43,9 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.storage import WriteResult
 
 from shardckpt import Checkpointer, ShardReader, ShardWriter
-from shardckpt.dcp.reader import read_manifest
 from shardckpt.format.catalog import step_name
 from shardckpt.format.layout import MANIFEST_NAME, Layout
+from shardckpt.format.manifest import read_manifest
 from shardckpt.retention.garbage import collect_garbage
 from shardckpt.store import open_store
 from shardckpt.tools.verify import verify_checkpoint
