@@ -97,9 +97,10 @@ class ShardReader(StorageReader):
         self.load_id = _new_id()  # DCP's StorageMeta.load_id: one per load
 
     @classmethod
-    def _for_checkpoint(
+    def for_checkpoint(
         cls, store: ObjectStore, layout: Layout, uri: str, **options: Any
     ) -> ShardReader:
+        """A reader for the checkpoint at ``layout`` of an open ``store`` (the engine's way in)."""
         reader = cls(uri, **options)
         reader._store, reader._layout = store, layout
         return reader

@@ -82,7 +82,8 @@ class WriterOptions:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
 
 
-def _split_options(options: dict[str, Any]) -> tuple[WriterOptions, dict[str, Any]]:
+def split_options(options: dict[str, Any]) -> tuple[WriterOptions, dict[str, Any]]:
+    """``options`` as (the writer's, the store's): what a Checkpointer or plugin passes on."""
     names = set(WriterOptions.__dataclass_fields__)
     return WriterOptions(**{k: v for k, v in options.items() if k in names}), {
         k: v for k, v in options.items() if k not in names
@@ -100,7 +101,7 @@ class ShardWriter(StorageWriter):
 
     def __init__(self, uri: str | os.PathLike[str], **options: Any) -> None:
         super().__init__()
-        self.options, self._store_options = _split_options(options)
+        self.options, self._store_options = split_options(options)
         self._store: ObjectStore | None = None
         self._layout = Layout(fanout=self.options.fanout)
         self._reset_uri(uri)
@@ -115,7 +116,7 @@ class ShardWriter(StorageWriter):
         self.abort_switch = AbortSwitch()
 
     @classmethod
-    def _for_checkpoint(
+    def for_checkpoint(
         cls,
         store: ObjectStore,
         layout: Layout,
@@ -125,7 +126,8 @@ class ShardWriter(StorageWriter):
         base: ContentIndex | None = None,
         abort_switch: AbortSwitch | None = None,
     ) -> ShardWriter:
-        """A writer for one checkpoint of a :class:`Checkpointer`, sharing its store."""
+        """A writer for the checkpoint at ``layout`` of an open ``store`` (the engine's own way
+        in: a Checkpointer or plugin shares one store among its checkpoints)."""
         writer = cls.__new__(cls)
         StorageWriter.__init__(writer)
         writer.options, writer._store_options = options, {}
