@@ -1,7 +1,7 @@
 """Ctrl-C during a save, with real signals against a real S3 server (moto over HTTP).
 
-A subprocess (``interrupted_save.py``) saves 1 GiB, through a ``Checkpointer`` or
-``shardckpt.save``; moto takes several seconds for that on this machine, so the signals land
+A subprocess (``interrupted_save.py``) saves 1 GiB, through a ``Checkpointer``,
+``shardckpt.save`` or the Lightning plugin (whose background saves are the Checkpointer's); moto takes several seconds for that on this machine, so the signals land
 while the upload is in flight. The first Ctrl-C must say that the save finishes and how to
 abort it; the second must end the process within seconds with nothing committed and nothing
 that gc (grace 0) leaves behind. The local store writes too fast to be interrupted reliably.
@@ -92,7 +92,7 @@ def _start(mode: str, moto: LocalS3Server) -> tuple[Saver, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["checkpointer", "save"])
+@pytest.mark.parametrize("mode", ["checkpointer", "save", "lightning"])
 def test_ctrl_c_twice_aborts_within_seconds_and_commits_nothing(
     moto: LocalS3Server, mode: str
 ) -> None:
@@ -105,7 +105,9 @@ def test_ctrl_c_twice_aborts_within_seconds_and_commits_nothing(
     took = time.monotonic() - sent
     # An uncaught KeyboardInterrupt ends Python by SIGINT: a shell reports exit code 130.
     assert saver.proc.returncode == -signal.SIGINT, stderr
-    assert took < 4, f"exited {took:.1f}s after the second Ctrl-C"
+    # With Lightning imported, the interpreter's own teardown takes seconds more on a loaded
+    # 2-core machine (3.7 s measured for an exit with nothing else to do).
+    assert took < (10 if mode == "lightning" else 4), f"exited {took:.1f}s after the second Ctrl-C"
     assert "nothing was committed" in stderr and "SaveFailedError" not in stderr, stderr
     store = open_store(uri, endpoint=moto.endpoint)
     assert not [o.key for o in store.list() if o.key.endswith("manifest.json")]
@@ -114,7 +116,7 @@ def test_ctrl_c_twice_aborts_within_seconds_and_commits_nothing(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["checkpointer", "save"])
+@pytest.mark.parametrize("mode", ["checkpointer", "save", "lightning"])
 def test_ctrl_c_once_says_so_and_lets_the_save_finish(moto: LocalS3Server, mode: str) -> None:
     saver, uri = _start(mode, moto)
     saver.proc.send_signal(signal.SIGINT)
