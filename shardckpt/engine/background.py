@@ -24,12 +24,14 @@ class Job:
     that aborts it) or a task queued behind one. ``what`` names it in messages ("the save of
     step 7 to s3://...")."""
 
-    def __init__(self, future: Future[None], switch: AbortSwitch, what: str, uri: str) -> None:
+    def __init__(
+        self, future: Future[None], switch: AbortSwitch, what: str, uri: str, *, saves: bool
+    ) -> None:
         self.future = future
         self.switch = switch
         self.what = what
         self.uri = uri
-        self.saves = True
+        self.saves = saves
         self.raised = False  # its error reached the caller already
 
     def done(self) -> bool:
@@ -94,7 +96,7 @@ class SaveQueue:
                     ) from exc
                 raise
 
-        return self._queue(Job(self._start(run), switch, what, uri))
+        return self._queue(Job(self._start(run), switch, what, uri, saves=True))
 
     def then(self, task: Callable[[], None], what: str, uri: str) -> Job:
         """Queue ``task`` (about ``uri``) behind the newest job: it runs only if that one
@@ -108,9 +110,7 @@ class SaveQueue:
             task()
 
         switch = before.switch if before is not None else AbortSwitch()
-        job = Job(self._start(run), switch, what, uri)
-        job.saves = False
-        return self._queue(job)
+        return self._queue(Job(self._start(run), switch, what, uri, saves=False))
 
     def _start(self, run: Callable[[], None]) -> Future[None]:
         if self._executor is None:
