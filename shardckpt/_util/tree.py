@@ -1,13 +1,17 @@
-"""Walking a state dict: the one walker over nested dicts, lists and tuples of tensors.
+"""Walking a nested state (dicts, lists, tuples): the package's two walkers, side by side.
 
-Staging snapshots every tensor leaf (and copies every other leaf), a whole-object load moves
-every tensor to a device: both rebuild the state with a function applied to its leaves. A
-DTensor's leaf is its local shard, rewrapped afterwards. Named tuples are leaves: they cannot
-be rebuilt from an iterable.
+- :func:`map_leaves`, for DCP state dicts: staging snapshots every tensor leaf (and copies
+  every other leaf), a whole-object load moves every tensor to a device. A DTensor's leaf is
+  its local shard, rewrapped afterwards; dicts come back plain and named tuples are leaves,
+  as DCP's own flattening treats them.
+- :func:`rebuild`, for a Lightning checkpoint, which must come back with the types it had
+  (``OrderedDict`` with its ``_metadata``, named tuples, int keys): every non-container is a
+  leaf, and each dict is copied with ``copy.copy`` instead of building a plain one.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -57,3 +61,19 @@ def tensor_leaves(value: Any) -> dict[Path, torch.Tensor]:
 
     map_leaves(value, collect)
     return found
+
+
+def rebuild(value: Any, leaf: Callable[[Path, Any], Any], path: Path = ()) -> Any:
+    """``value`` rebuilt with ``leaf(path, x)`` in place of every leaf ``x`` (anything but a
+    dict, list or tuple); ``path`` is the keys and indices leading to it."""
+    if isinstance(value, dict):
+        out = copy.copy(value)  # keeps the type and attributes (OrderedDict._metadata)
+        for k, v in value.items():
+            out[k] = rebuild(v, leaf, (*path, k))
+        return out
+    if isinstance(value, list):
+        return [rebuild(v, leaf, (*path, i)) for i, v in enumerate(value)]
+    if isinstance(value, tuple):
+        items = [rebuild(v, leaf, (*path, i)) for i, v in enumerate(value)]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    return leaf(path, value)

@@ -103,8 +103,6 @@ class ShardReader(StorageReader):
         """A reader for one checkpoint of a :class:`Checkpointer`, sharing its store."""
         return cls(uri, store=store, layout=layout, **options)
 
-    _for_checkpoint = for_checkpoint  # the old name, until the engine and Lightning switch
-
     @property
     def store(self) -> ObjectStore:
         if self._store is None:

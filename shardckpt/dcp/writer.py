@@ -90,9 +90,6 @@ def split_options(options: dict[str, Any]) -> tuple[WriterOptions, dict[str, Any
     }
 
 
-_split_options = split_options  # the old name, until the engine and Lightning use the new one
-
-
 class ShardWriter(StorageWriter):
     """Write a DCP checkpoint to ``uri`` (``s3://bucket/prefix``, ``file://`` or a path).
 
@@ -156,8 +153,6 @@ class ShardWriter(StorageWriter):
             abort_switch=abort_switch,
             **dataclasses.asdict(options),
         )
-
-    _for_checkpoint = for_checkpoint  # the old name, until the engine and Lightning switch
 
     def _reset_uri(self, uri: str | os.PathLike[str]) -> None:
         parse_uri(uri)  # fail fast on a bad URI

@@ -4,45 +4,44 @@
 on one background thread. Coordination of a background save uses a dedicated gloo group
 created once at start-up, so it never touches the training's (NCCL) group, and at most one
 save is in flight, so the collectives of consecutive saves never interleave.
+
+The engine's other rooms: ``background`` (the thread, the one save in flight, errors raised
+once, Ctrl-C), ``saving`` (one checkpoint written and committed, shared with the Lightning
+plugin), ``preemption`` (SIGTERM agreed by every rank), ``stats`` (the figures of a save).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
 import os
-import signal
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from shardckpt._util.abort import AbortSwitch, wait_or_abort
-from shardckpt._util.quiet import single_process_dcp
+from shardckpt._util.abort import AbortSwitch
 from shardckpt.dcp.incremental import ContentIndex
 from shardckpt.dcp.load_checks import check_state_dict
 from shardckpt.dcp.planner import ShardSavePlanner
 from shardckpt.dcp.reader import ShardReader
 from shardckpt.dcp.staging import HostStaging
-from shardckpt.dcp.writer import ShardWriter, _split_options
+from shardckpt.dcp.writer import split_options
+from shardckpt.engine.background import SaveHandle, SaveQueue
+from shardckpt.engine.preemption import Preemption
+from shardckpt.engine.saving import dcp_call, tidy_after_commit, write_checkpoint
+from shardckpt.engine.stats import LoadStats, SaveStats
 from shardckpt.errors import (
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
-    SaveAbortedError,
-    SaveFailedError,
-    describe_failures,
-    first_cause,
     from_dcp,
 )
 from shardckpt.format.catalog import committed_steps, step_name
@@ -56,54 +55,6 @@ from shardckpt.store.tiered import TieredStore
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class SaveStats:
-    """Figures of one save on this rank. Seconds: ``blocked_s`` (the training step was
-    blocked), ``snapshot_s`` (until the host copy was complete; equals ``blocked_s`` unless
-    overlapping), ``upload_s`` (upload and commit), ``total_s`` (save call to committed).
-    ``bytes`` and ``objects`` this rank wrote; ``reused_bytes`` of them an incremental save
-    did not upload (an earlier checkpoint holds them); ``requests``, ``retries`` and
-    ``throttled`` (503 SlowDown replies) this save cost the store, retention included."""
-
-    step: int
-    rank: int
-    blocked_s: float
-    bytes: int
-    snapshot_s: float = 0.0
-    upload_s: float = 0.0
-    total_s: float = 0.0
-    objects: int = 0
-    reused_bytes: int = 0
-    requests: int = 0
-    retries: int = 0
-    throttled: int = 0
-
-    @property
-    def snapshot_gbps(self) -> float:
-        return self.bytes / self.snapshot_s / 1e9 if self.snapshot_s else 0.0
-
-    @property
-    def upload_gbps(self) -> float:
-        return self.bytes / self.upload_s / 1e9 if self.upload_s else 0.0
-
-
-@dataclass
-class LoadStats:
-    """Figures of one load on this rank: seconds, bytes read, store requests and retries."""
-
-    step: int
-    rank: int
-    seconds: float
-    bytes: int
-    requests: int
-    retries: int
-    throttled: int
-
-    @property
-    def gbps(self) -> float:
-        return self.bytes / self.seconds / 1e9 if self.seconds else 0.0
-
-
 def _log_stats(kind: str, stats: SaveStats | LoadStats) -> None:
     figures = asdict(stats)
     figures.update(
@@ -114,48 +65,6 @@ def _log_stats(kind: str, stats: SaveStats | LoadStats) -> None:
         }
     )
     logger.info("shardckpt %s %s", kind, json.dumps(figures, sort_keys=True))
-
-
-class SaveHandle:
-    """The handle ``save`` returns: ``wait()`` blocks until committed (raising its error),
-    ``done()`` tells whether it has finished. Ctrl-C while waiting: see ``shardckpt._util.abort``
-    (the first lets the save finish, the second aborts it)."""
-
-    def __init__(
-        self,
-        step: int,
-        future: Future[None] | None,
-        stats: SaveStats,
-        switch: AbortSwitch | None = None,
-        uri: str = "",
-    ) -> None:
-        self.step = step
-        self.stats = stats
-        self._future = future
-        self._switch = switch or AbortSwitch()
-        self._what = f"the save of step {step} to {uri}"
-        self.raised = False  # its error reached the caller through this handle already
-
-    @property
-    def skipped(self) -> bool:
-        return self._future is None
-
-    def done(self) -> bool:
-        return self._future is None or self._future.done()
-
-    def wait(self) -> None:
-        self._wait(interrupted=False)
-
-    def _wait(self, *, interrupted: bool) -> None:
-        """``interrupted``: a Ctrl-C arrived before the wait began (see ``wait_or_abort``)."""
-        if self._future is not None:
-            try:
-                wait_or_abort(self._future, self._switch, self._what, interrupted=interrupted)
-            except KeyboardInterrupt:
-                raise  # not the save's error: it is still to be raised, or was aborted
-            except BaseException:
-                self.raised = True
-                raise
 
 
 class Checkpointer:
@@ -217,21 +126,18 @@ class Checkpointer:
         self.shared_load = shared_load
         self._hooks: list[Any] = []
         self._snapshot_wait: Callable[[], None] | None = None
-        self.writer_options, store_options = _split_options(options)
+        self.writer_options, store_options = split_options(options)
         self.store = open_store(self.root_uri, **store_options)
         if local_copy is not None:
             self.store = TieredStore(self.store, LocalStore(os.fspath(local_copy), fsync=False))
         self._group = _dedicated_group(process_group, collective_timeout)
         # Main-thread collectives (preemption checks) get their own group: sharing the
         # save's group with the background thread could interleave collectives and hang.
-        self._control = _dedicated_group(process_group, collective_timeout)
-        self._sigterm = False
-        self._previous_sigterm: Any = None  # the SIGTERM handler ours replaced, restored on close
+        self._preemption = Preemption(_dedicated_group(process_group, collective_timeout))
         self.rank = dist.get_rank(self._group) if self._group is not None else 0
         self.staging = HostStaging()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-save")
+        self._saves = SaveQueue("shardckpt-save")
         self._planner = ShardSavePlanner(enable_plan_caching=True, pause_gc=True)
-        self._pending: SaveHandle | None = None
         self._known_steps = set(self.steps())
         self.history: list[SaveStats] = []
         self._closed = False
@@ -246,15 +152,16 @@ class Checkpointer:
         self._check_open()
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
-        self._raise_background_error()
+        self._saves.raise_error()
         if step in self._known_steps:
             raise CheckpointExistsError(
                 f"{self.store.uri(step_name(step))} already exists (step {step} was saved)"
             )
-        if self._pending is not None and not self._pending.done():
+        if self._saves.busy():
             if self.when_busy == "skip":
+                assert self._saves.last is not None
                 warnings.warn(
-                    f"shardckpt: skipping save of step {step}: step {self._pending.step} is still uploading",
+                    f"shardckpt: skipping save of step {step}: {self._saves.last.what} is still uploading",
                     stacklevel=2,
                 )
                 return SaveHandle(step, None, SaveStats(step, self.rank, 0.0, 0))
@@ -271,12 +178,12 @@ class Checkpointer:
             staged, copied = self.staging.snapshot(state_dict), _nothing
         blocked = time.perf_counter() - started
         stats = SaveStats(step, self.rank, blocked, self.staging.nbytes, snapshot_s=blocked)
-        self._known_steps.add(step)  # taken from now on, unless the save fails (see _upload)
-        switch = AbortSwitch()
-        save = functools.partial(self._save_step, step, staged, copied, stats, started, switch)
-        future = self._executor.submit(self._upload, step, switch, save)
-        self._pending = SaveHandle(step, future, stats, switch, self.store.uri(step_name(step)))
-        return self._pending
+        self._known_steps.add(step)  # taken from now on, unless the save fails (_save_step)
+        save = functools.partial(self._save_step, step, staged, copied, stats, started)
+        uri = self.store.uri(step_name(step))
+        return SaveHandle(
+            step, self._saves.submit(save, f"the save of step {step} to {uri}", uri), stats
+        )
 
     def attach(self, optimizer: Any) -> None:
         """In overlap mode, make ``optimizer.step`` wait until the snapshot is copied."""
@@ -288,19 +195,6 @@ class Checkpointer:
             wait, self._snapshot_wait = self._snapshot_wait, None
             wait()
 
-    def _upload(self, step: int, switch: AbortSwitch, save: Callable[[], None]) -> None:
-        """Run ``save`` (the background part of saving ``step``); on failure free the step."""
-        try:
-            save()
-        except BaseException as exc:
-            self._known_steps.discard(step)  # a failed save leaves its step free to save again
-            if switch.event.is_set():  # whatever the abort made fail, DCP's wrapping included
-                raise SaveAbortedError(
-                    f"the save of step {step} to {self.store.uri(step_name(step))} was aborted "
-                    "(Ctrl-C): nothing was committed; gc removes what it uploaded"
-                ) from exc
-            raise
-
     def _save_step(
         self,
         step: int,
@@ -310,36 +204,31 @@ class Checkpointer:
         started: float,
         switch: AbortSwitch,
     ) -> None:
-        copied()
-        stats.snapshot_s = time.perf_counter() - started
-        before = self.store.stats.copy()
-        layout = Layout(step_name(step), self.writer_options.fanout)
-        writer = ShardWriter._for_checkpoint(
-            self.store,
-            layout,
-            self.store.uri(step_name(step)),
-            {"step": step},
-            self.writer_options,
-            self._base_for(step),
-            switch,
-        )
+        """The background part of saving ``step``; on failure the step is free again."""
         try:
-            with self._dcp_call():
-                dcp.save(
-                    staged, storage_writer=writer, planner=self._planner, process_group=self._group
-                )
-        except CheckpointException as exc:
-            raise SaveFailedError(
-                f"save of step {step} to {self.store.uri(step_name(step))} failed: {describe_failures(exc)}"
-            ) from first_cause(exc)
-        except Exception as exc:
-            raise SaveFailedError(
-                f"save of step {step} to {self.store.uri(step_name(step))} failed on rank {self.rank}: {exc}"
-            ) from exc
+            copied()
+            stats.snapshot_s = time.perf_counter() - started
+            before = self.store.stats.copy()
+            writer = write_checkpoint(
+                self.store,
+                Layout(step_name(step), self.writer_options.fanout),
+                staged,
+                what=f"save of step {step} to {self.store.uri(step_name(step))}",
+                options=self.writer_options,
+                switch=switch,
+                attributes={"step": step},
+                base=self._base_for(step),
+                planner=self._planner,
+                group=self._group,
+                rank=self.rank,
+            )
+        except BaseException:
+            self._known_steps.discard(step)  # a failed save leaves its step free to save again
+            raise
         finally:
             self._planner.resume_gc()
         if self.keep_last is not None and self.rank == 0:
-            self._apply_retention()
+            tidy_after_commit("retention could not delete old checkpoints", self._retire_expired)
         if isinstance(self.store, TieredStore):
             self.store.keep_only(step_name(step) + "/")
         now = time.perf_counter()
@@ -357,10 +246,6 @@ class Checkpointer:
         if self.on_stats is not None:
             self.on_stats(stats)
 
-    def _dcp_call(self) -> contextlib.AbstractContextManager[None]:
-        """Around our DCP calls: without a process group they run in one process on purpose."""
-        return single_process_dcp() if self._group is None else contextlib.nullcontext()
-
     def _base_for(self, step: int) -> ContentIndex | None:
         """For an incremental save: the newest committed checkpoint before ``step``, by
         content. Retention always keeps it, so what this save reuses cannot vanish."""
@@ -372,24 +257,11 @@ class Checkpointer:
         name = step_name(earlier[-1])
         return ContentIndex(read_manifest(self.store, Layout(name)), name)
 
-    def _raise_background_error(self) -> None:
-        """Raise the error of a finished background save, once."""
-        if self._pending is not None and self._pending.done():
-            pending, self._pending = self._pending, None
-            if not pending.raised:
-                pending.wait()
-
     def wait(self) -> None:
         """Block until the save in flight is committed; raise its error, once (not again
         if the caller already got it from the save's own handle). Ctrl-C: the first lets
         the save finish (then raises ``KeyboardInterrupt``), the second aborts it."""
-        self._wait(interrupted=False)
-
-    def _wait(self, *, interrupted: bool) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            if not pending.raised:
-                pending._wait(interrupted=interrupted)
+        self._saves.wait()
 
     # -- discovery --------------------------------------------------------------------------
     def steps(self) -> list[int]:
@@ -414,7 +286,7 @@ class Checkpointer:
         elif not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         layout = Layout(step_name(step))
-        reader = ShardReader._for_checkpoint(
+        reader = ShardReader.for_checkpoint(
             self.store,
             layout,
             self.store.uri(step_name(step)),
@@ -426,7 +298,7 @@ class Checkpointer:
         check_state_dict(state_dict, reader.manifest.metadata, reader.uri)
         started, before = time.perf_counter(), self.store.stats.copy()
         try:
-            with self._dcp_call():
+            with dcp_call(self._group):
                 dcp.load(state_dict, storage_reader=reader, process_group=self._group)
         except CheckpointException as exc:
             raise from_dcp(exc, f"load of {reader.uri}", CheckpointError)  # noqa: B904 (has its cause)
@@ -446,16 +318,11 @@ class Checkpointer:
         return step
 
     # -- retention --------------------------------------------------------------------------
-    def _apply_retention(self) -> None:
+    def _retire_expired(self) -> None:
         assert self.keep_last is not None
-        try:
-            expired = self.steps()[: -self.keep_last]
-            if expired:
-                retire_checkpoints(self.store, [Layout(step_name(s)) for s in expired])
-        except Exception as exc:  # the checkpoint stays; gc can remove it later
-            warnings.warn(
-                f"shardckpt: retention could not delete old checkpoints: {exc}", stacklevel=1
-            )
+        expired = self.steps()[: -self.keep_last]
+        if expired:
+            retire_checkpoints(self.store, [Layout(step_name(s)) for s in expired])
 
     def gc(self, *, grace_s: float = 3600.0, dry_run: bool = False) -> GcReport | None:
         """Collect garbage under the root (rank 0 only; other ranks return None): data of
@@ -478,20 +345,17 @@ class Checkpointer:
         if self._closed:
             return
         try:
-            self._wait(interrupted=interrupted)
+            self._saves.wait(interrupted=interrupted)
         finally:
             self._closed = True
             for hook in self._hooks:
                 hook.remove()
-            if self._previous_sigterm is not None:
-                signal.signal(signal.SIGTERM, self._previous_sigterm)
-                self._previous_sigterm = None
-            self._executor.shutdown(wait=True)
+            self._preemption.close()
+            self._saves.close()
             self.staging.close()
             self.store.close()
-            for group in (self._group, self._control):
-                if group is not None:
-                    dist.destroy_process_group(group)
+            if self._group is not None:
+                dist.destroy_process_group(self._group)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -510,31 +374,13 @@ class Checkpointer:
         signal handler could start collectives at different steps on different ranks.)
         A Python handler installed before is still called after ours, and put back by
         :meth:`close`. Call from the main thread."""
-        if self._previous_sigterm is not None:
-            return  # installed already
-        previous = signal.getsignal(signal.SIGTERM)
-
-        def handler(signum: int, frame: Any) -> None:
-            logger.warning(
-                "shardckpt: SIGTERM received: the loop will save and stop at the next check"
-            )
-            self._sigterm = True
-            if callable(previous):  # chain to the handler we replaced (not SIG_DFL / SIG_IGN)
-                previous(signum, frame)
-
-        signal.signal(signal.SIGTERM, handler)
-        # None: installed from outside Python; the default is what we can restore
-        self._previous_sigterm = signal.SIG_DFL if previous is None else previous
+        self._preemption.install()
 
     def preempted(self) -> bool:
         """Whether any rank has received SIGTERM. All ranks must call this at the same
         steps: they agree through a small collective on a control group of their own, so
         every rank stops after the same step."""
-        if self._control is None:
-            return self._sigterm
-        flag = torch.tensor([int(self._sigterm)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._control)
-        return bool(flag.item())
+        return self._preemption.agreed()
 
 
 def _nothing() -> None:

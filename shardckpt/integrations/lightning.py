@@ -16,22 +16,20 @@ A checkpoint path Lightning hands over (``s3://bucket/run/epoch=0-step=10.ckpt``
 path) names one shardckpt checkpoint: a "directory" holding ``manifest.json`` and its data
 objects, committed by the manifest, written last. ``save_checkpoint`` returns once the
 checkpoint is copied into reused host buffers; upload and commit run on one background
-thread, at most one save in flight (the next save, load or remove waits for it), and a
-background failure is raised by the next call, or by ``teardown`` at the end of ``fit``.
+thread, at most one save in flight (the next save or load waits for it, a removal is queued
+behind it), and a background failure is raised by the next call, or by ``teardown`` at the
+end of ``fit``.
 
-How a checkpoint is stored: every plain (strided) tensor goes through DCP as raw bytes,
-named by its place in the checkpoint (``state_dict/layer.weight``); everything else (the
-structure, loop and callback state, hyper-parameters, ...) is pickled once, on the calling
-thread, with each tensor replaced by a reference. So the checkpoint comes back with the same
-types (``OrderedDict`` with its ``_metadata``, int keys of optimizer state, tuples) and
-tensors shared in several places stay shared, as with ``torch.save``.
+The saving is the Checkpointer's engine (``shardckpt.engine``): the same background thread
+with one save in flight, the same errors raised once (one ``SaveFailedError``), the same
+Ctrl-C handling (the first lets the save finish, the second aborts it), the same commit, and
+an overwrite keeps the replaced generation (``engine.saving``). How a checkpoint dict is
+stored (tensors as raw bytes, the rest pickled once) is ``lightning_format``.
 
-Trust: by default the pickled part is loaded with ``torch.load(weights_only=True)``, which is
-what Lightning 2.6 with torch >= 2.6 does for a local ``.ckpt`` (``weights_only=None`` means
-torch's default, True); Lightning's own checkpoints (loops, callbacks, optimizer and
-scheduler state, plain hyper-parameters) load that way. ``trainer.fit(..., weights_only=False)``
-or ``ShardckptCheckpointIO(trusted=True)`` allows full unpickling, for checkpoints you trust
-that hold other objects: anyone who can write to the bucket could otherwise run code here.
+Trust: by default the pickled part is loaded with ``torch.load(weights_only=True)``, as
+Lightning does for a local ``.ckpt`` (``weights_only=None`` means torch's default, True).
+``trainer.fit(..., weights_only=False)`` or ``ShardckptCheckpointIO(trusted=True)`` allows
+full unpickling, for checkpoints you trust that hold other objects.
 
 Lightning and s3:// paths: Lightning's ``ModelCheckpoint`` asks fsspec about its directory
 (existence, listing, the version counter), which for s3:// needs the ``s3fs`` package and
@@ -49,40 +47,27 @@ DeepSpeed) write their own formats.
 
 from __future__ import annotations
 
-import copy
-import io
+import functools
 import logging
 import os
-import pickle
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-from shardckpt._util.quiet import single_process_dcp
+from shardckpt._util.abort import AbortSwitch
 from shardckpt.compat import load_all
 from shardckpt.dcp.reader import ShardReader
 from shardckpt.dcp.staging import HostStaging
-from shardckpt.dcp.writer import ShardWriter, _split_options
-from shardckpt.errors import (
-    CheckpointError,
-    InvalidURIError,
-    ManifestError,
-    SaveFailedError,
-    describe_failures,
-    first_cause,
-    from_dcp,
-)
+from shardckpt.dcp.writer import split_options
+from shardckpt.engine.background import Job, SaveQueue
+from shardckpt.engine.saving import write_checkpoint
+from shardckpt.errors import CheckpointError, InvalidURIError, from_dcp
 from shardckpt.format.layout import Layout
 from shardckpt.format.manifest import read_manifest
-from shardckpt.retention.deletion import delete_replaced, keys_in_use, retire_checkpoints
+from shardckpt.integrations.lightning_format import SKELETON, TENSORS, from_state, to_state
+from shardckpt.retention.deletion import retire_checkpoints
 from shardckpt.store import ObjectStore, open_store
 from shardckpt.uri import Location, parse_uri
 
@@ -98,19 +83,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 logger = logging.getLogger(__name__)
 
-_SKELETON = "skeleton"
-_TENSORS = "tensors"
-
-
-class _TensorRef(str):
-    """Stands in the pickled structure where a tensor was: the tensor's name among the
-    stored tensors. A plain ``str`` subclass, so ``weights_only`` loading can allow it."""
-
-    __slots__ = ()
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_TensorRef, (str(self),))
-
 
 @dataclass
 class LightningSave:
@@ -120,25 +92,15 @@ class LightningSave:
 
     uri: str
     blocked_s: float
-    future: Future[None] | None = field(default=None, repr=False)
+    job: Job | None = field(default=None, repr=False)
     total_s: float | None = None
 
     def done(self) -> bool:
-        return self.future is None or self.future.done()
+        return self.job is None or self.job.done()
 
     def wait(self) -> None:
-        if self.future is not None:
-            self.future.result()
-
-
-@dataclass(frozen=True)
-class _Target:
-    """One checkpoint: where its store is rooted (the checkpoint's parent), its layout in
-    that store, and its URI."""
-
-    root: Location
-    layout: Layout
-    uri: str
+        if self.job is not None:
+            self.job.future.exception()  # waits; the error is the plugin's to raise
 
 
 class ShardckptCheckpointIO(CheckpointIO):
@@ -168,17 +130,10 @@ class ShardckptCheckpointIO(CheckpointIO):
         super().__init__()
         self.trusted = trusted
         self.pin_memory = pin_memory
-        self.writer_options, self.store_options = _split_options(
-            {**options, "overwrite": overwrite}
-        )
-        self._stores: dict[str, ObjectStore] = {}
+        self.writer_options, self.store_options = split_options({**options, "overwrite": overwrite})
+        self._stores: dict[str, ObjectStore] = {}  # opened on the caller's thread only
         self._staging: HostStaging | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
-        self._last: Future[None] | None = None  # the newest queued task; the queue is FIFO
-        self._error: BaseException | None = None
-        self._saving: set[str] = set()
-        self._removing: set[str] = set()
+        self._saves = SaveQueue("shardckpt-lightning")
         self.last_save: LightningSave | None = None
         self.history: list[LightningSave] = []
 
@@ -194,26 +149,24 @@ class ShardckptCheckpointIO(CheckpointIO):
                 f"{type(self).__name__} takes no storage_options; configure it in its constructor"
             )
         self.wait()
-        target = self._target(path)
+        location = _location(path)
+        store, layout = self._open(location)
         started = time.perf_counter()
-        skeleton, tensors = _split(checkpoint)
-        blob = _dumps(skeleton)
+        blob, tensors = to_state(checkpoint)
         if self._staging is None:
             self._staging = HostStaging(pin_memory=self.pin_memory)
-        staged = self._staging.snapshot(tensors)
-        state = {_SKELETON: blob, _TENSORS: staged}
-        save = LightningSave(target.uri, time.perf_counter() - started)
+        state = {SKELETON: blob, TENSORS: self._staging.snapshot(tensors)}
+        save = LightningSave(str(location), time.perf_counter() - started)
         attributes = {
             "lightning": True,
             "global_step": checkpoint.get("global_step"),
             "epoch": checkpoint.get("epoch"),
         }
-        save.future = self._submit(
-            lambda: self._write(target, state, attributes, save, started), target.uri, self._saving
-        )
+        write = functools.partial(self._write, store, layout, state, attributes, save, started)
+        save.job = self._saves.submit(write, f"the save of {save.uri}", save.uri)
         self.last_save = save
         logger.debug(
-            "snapshot of %s took %.4fs; uploading in the background", target.uri, save.blocked_s
+            "snapshot of %s took %.4fs; uploading in the background", save.uri, save.blocked_s
         )
 
     def load_checkpoint(
@@ -223,36 +176,29 @@ class ShardckptCheckpointIO(CheckpointIO):
         ``map_location`` says: a device or string, a dict mapping ``"cpu"`` to a device, or
         a ``torch.load``-style function). Waits for saves in flight first."""
         self.wait()
-        target = self._target(path)
-        store = self._store(target.root)
-        reader = ShardReader._for_checkpoint(
-            store, target.layout, target.uri, num_threads=self.writer_options.num_threads
+        location = _location(path)
+        store, layout = self._open(location)
+        uri = str(location)
+        reader = ShardReader.for_checkpoint(
+            store, layout, uri, num_threads=self.writer_options.num_threads
         )
-        reader.manifest = read_manifest(store, target.layout)  # clear errors, before DCP's
+        reader.manifest = read_manifest(store, layout)  # clear errors, before DCP's
         try:
             state = load_all(reader)
         except CheckpointException as exc:
-            raise from_dcp(exc, f"load of {target.uri}", CheckpointError)  # noqa: B904 (has its cause)
-        blob = state.get(_SKELETON)
-        if not isinstance(blob, bytes):
-            raise ManifestError(
-                f"{target.uri} is a shardckpt checkpoint, but not one written by {type(self).__name__}"
-            )
+            raise from_dcp(exc, f"load of {uri}", CheckpointError)  # noqa: B904 (has its cause)
         trusted = self.trusted if weights_only is None else not weights_only
-        skeleton = _loads(blob, trusted=trusted, uri=target.uri)
-        device = _device_of(map_location)
-        tensors = {
-            k: v if device is None else v.to(device) for k, v in state.get(_TENSORS, {}).items()
-        }
-        return _join(skeleton, tensors, target.uri)
+        return from_state(state, trusted=trusted, map_location=map_location, uri=uri)
 
     def remove_checkpoint(self, path: Any) -> None:
         """Delete the checkpoint at ``path``: manifest first, then data. Queued behind the
         save in flight, so the previous checkpoint goes only once the new one is committed
         (and not at all if that save failed)."""
-        self._raise_error()
-        target = self._target(path)
-        self._submit(lambda: self._remove(target), target.uri, self._removing)
+        self._saves.raise_error()
+        location = _location(path)
+        store, layout = self._open(location)
+        remove = functools.partial(self._remove, store, layout, str(location))
+        self._saves.then(remove, f"the removal of {location}", str(location))
 
     def teardown(self) -> None:
         """Wait for the background work, free threads, buffers and clients; raise a
@@ -261,9 +207,7 @@ class ShardckptCheckpointIO(CheckpointIO):
         try:
             self.wait()
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
+            self._saves.close()
             if self._staging is not None:
                 self._staging.close()
                 self._staging = None
@@ -273,20 +217,18 @@ class ShardckptCheckpointIO(CheckpointIO):
 
     # -- queries for callbacks and users ------------------------------------------------------
     def wait(self) -> None:
-        """Block until every queued save and removal has finished; raise the first failure."""
-        last = self._last
-        if last is not None:
-            last.result()  # tasks record their errors instead of raising
-        self._raise_error()
+        """Block until every queued save and removal has finished; raise the first failure,
+        once. Ctrl-C while waiting: the first lets the save finish, the second aborts it."""
+        self._saves.wait()
 
     def exists(self, path: Any) -> bool:
         """Whether a checkpoint is committed at ``path``, or will be by the save in flight."""
-        target = self._target(path)
-        if target.uri in self._saving:
-            return True
-        if target.uri in self._removing:
-            return False
-        return self._store(target.root).head(target.layout.manifest_key) is not None
+        location = _location(path)
+        job = self._saves.in_flight(str(location))
+        if job is not None:
+            return job.saves  # a save (True) or a removal (False) queued or running
+        store, layout = self._open(location)
+        return store.head(layout.manifest_key) is not None
 
     def checkpoints(self, dirpath: Any) -> list[str]:
         """The committed checkpoints directly under ``dirpath``, oldest commit first."""
@@ -307,98 +249,57 @@ class ShardckptCheckpointIO(CheckpointIO):
 
     def put_file(self, path: Any, data: bytes) -> None:
         """Store ``data`` as the single object ``path`` (a side file, e.g. a YAML summary)."""
-        target = self._target(path)
-        self._store(target.root).put(target.layout.prefix, [data])
+        store, layout = self._open(_location(path))
+        store.put(layout.prefix, [data])
 
-    # -- the background queue -----------------------------------------------------------------
-    def _submit(self, task: Callable[[], None], uri: str, pending: set[str]) -> Future[None]:
-        """Queue ``task``; ``uri`` is in ``pending`` (saves or removals) until it is done."""
-        pending.add(uri)
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-lightning")
-
-        def run() -> None:
-            try:
-                if self._error is None:  # after a failure nothing runs until it is raised
-                    task()
-            except BaseException as exc:  # noqa: BLE001 - kept and raised by the next call
-                with self._lock:
-                    if self._error is None:
-                        self._error = exc
-            finally:
-                pending.discard(uri)
-
-        self._last = self._executor.submit(run)
-        return self._last
-
-    def _raise_error(self) -> None:
-        with self._lock:
-            error, self._error = self._error, None
-        if error is not None:
-            raise error
-
+    # -- the background work ------------------------------------------------------------------
     def _write(
         self,
-        target: _Target,
+        store: ObjectStore,
+        layout: Layout,
         state: dict[str, Any],
         attributes: dict[str, Any],
         save: LightningSave,
         started: float,
+        switch: AbortSwitch,
     ) -> None:
-        try:
-            store = self._store(target.root)
-            replaced = keys_in_use(store, target.layout)
-            writer = ShardWriter._for_checkpoint(
-                store, target.layout, target.uri, attributes, self.writer_options
-            )
-            with single_process_dcp():
-                dcp.save(state, storage_writer=writer, planner=DefaultSavePlanner(), no_dist=True)
-            assert writer.last_manifest is not None
-            delete_replaced(store, target.layout, writer.last_manifest, replaced)
-        except CheckpointException as exc:
-            raise SaveFailedError(
-                f"Lightning checkpoint save to {target.uri} failed: {describe_failures(exc)}"
-            ) from first_cause(exc)
-        except Exception as exc:
-            raise SaveFailedError(
-                f"Lightning checkpoint save to {target.uri} failed: {type(exc).__name__}: {exc}"
-            ) from exc
+        write_checkpoint(
+            store,
+            layout,
+            state,
+            what=f"Lightning checkpoint save to {save.uri}",
+            options=self.writer_options,
+            switch=switch,
+            attributes=attributes,
+        )
         save.total_s = time.perf_counter() - started
         self.history.append(save)
         logger.info(
-            "committed %s: blocked %.4fs, total %.3fs", target.uri, save.blocked_s, save.total_s
+            "committed %s: blocked %.4fs, total %.3fs", save.uri, save.blocked_s, save.total_s
         )
 
-    def _remove(self, target: _Target) -> None:
+    def _remove(self, store: ObjectStore, layout: Layout, uri: str) -> None:
         try:
-            retire_checkpoints(self._store(target.root), [target.layout])
+            retire_checkpoints(store, [layout])
         except Exception as exc:
             raise CheckpointError(
-                f"could not remove the Lightning checkpoint {target.uri}: {type(exc).__name__}: {exc}"
+                f"could not remove the Lightning checkpoint {uri}: {type(exc).__name__}: {exc}"
             ) from exc
-        logger.debug("removed %s", target.uri)
+        logger.debug("removed %s", uri)
 
     # -- paths ------------------------------------------------------------------------------
-    def _target(self, path: Any) -> _Target:
-        location = _location(path)
-        if location.scheme == "s3":
-            parent, _, name = location.prefix.rpartition("/")
-            if not name:
-                raise InvalidURIError(
-                    f"a checkpoint path needs a name below the bucket: {os.fspath(path)!r}"
-                )
-            root = Location("s3", parent, location.bucket)
-        else:
-            parent, name = os.path.split(location.prefix)
-            root = Location("file", parent)
-        return _Target(root, Layout(name), str(location))
+    def _open(self, location: Location) -> tuple[ObjectStore, Layout]:
+        """The store a checkpoint lives in (rooted at its parent) and its layout there."""
+        parent, name = location.split()
+        if not name:
+            raise InvalidURIError(f"a checkpoint path needs a name below the bucket: {location}")
+        return self._store(parent), Layout(name)
 
     def _store(self, location: Location) -> ObjectStore:
         key = str(location)
-        with self._lock:
-            store = self._stores.get(key)
-            if store is None:
-                store = self._stores[key] = open_store(location, **self.store_options)
+        store = self._stores.get(key)
+        if store is None:
+            store = self._stores[key] = open_store(location, **self.store_options)
         return store
 
 
@@ -482,107 +383,6 @@ class ShardckptModelCheckpoint(ModelCheckpoint):
             filepath = f"{os.fspath(self.dirpath).rstrip('/')}/best_k_models.yaml"
         best_k = {k: v.item() for k, v in self.best_k_models.items()}
         self._io.put_file(filepath, yaml.dump(best_k).encode())
-
-
-# -- the checkpoint's two parts -------------------------------------------------------------
-def _storable(value: torch.Tensor) -> bool:
-    """Tensors stored as raw bytes; others (sparse, quantized, subclasses) are pickled."""
-    return (
-        type(value) in (torch.Tensor, torch.nn.Parameter)
-        and value.layout == torch.strided
-        and not value.is_quantized
-        and not value.is_nested
-        and value.device.type != "meta"
-    )
-
-
-def _split(checkpoint: Any) -> tuple[Any, dict[str, torch.Tensor]]:
-    """(the structure with tensors replaced by :class:`_TensorRef`, the tensors by name).
-    A tensor found at several places is stored once."""
-    tensors: dict[str, torch.Tensor] = {}
-    names: dict[int, str] = {}
-
-    def walk(value: Any, path: tuple[Any, ...]) -> Any:
-        if isinstance(value, torch.Tensor) and _storable(value):
-            name = names.get(id(value))
-            if name is None:
-                name = base = "/".join(str(p) for p in path) or "tensor"
-                n = 1
-                while name in tensors:
-                    name, n = f"{base}#{n}", n + 1
-                names[id(value)], tensors[name] = name, value
-            return _TensorRef(name)
-        if isinstance(value, dict):
-            out = copy.copy(value)  # keeps the type and attributes (OrderedDict._metadata)
-            for k, v in value.items():
-                out[k] = walk(v, (*path, k))
-            return out
-        if isinstance(value, list):
-            return [walk(v, (*path, i)) for i, v in enumerate(value)]
-        if isinstance(value, tuple):
-            items = [walk(v, (*path, i)) for i, v in enumerate(value)]
-            return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
-        return value
-
-    return walk(checkpoint, ()), tensors
-
-
-def _join(skeleton: Any, tensors: dict[str, torch.Tensor], uri: str) -> Any:
-    def walk(value: Any) -> Any:
-        if isinstance(value, _TensorRef):
-            try:
-                return tensors[str(value)]
-            except KeyError:
-                raise ManifestError(
-                    f"{uri} has no tensor {str(value)!r}, which its structure refers to"
-                ) from None
-        if isinstance(value, dict):
-            for k, v in value.items():
-                value[k] = walk(v)
-            return value
-        if isinstance(value, list):
-            return [walk(v) for v in value]
-        if isinstance(value, tuple):
-            items = [walk(v) for v in value]
-            return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
-        return value
-
-    return walk(skeleton)
-
-
-def _dumps(skeleton: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(skeleton, buffer)
-    return buffer.getvalue()
-
-
-def _loads(blob: bytes, *, trusted: bool, uri: str) -> Any:
-    if trusted:
-        return torch.load(io.BytesIO(blob), weights_only=False)
-    try:
-        with torch.serialization.safe_globals([_TensorRef]):
-            return torch.load(io.BytesIO(blob), weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ManifestError(
-            f"{uri}: the checkpoint holds objects that need full unpickling, which can run code from "
-            "the bucket; for a checkpoint you trust pass trainer.fit(..., weights_only=False) or "
-            f"ShardckptCheckpointIO(trusted=True) ({str(exc).splitlines()[0][:200]})"
-        ) from None
-
-
-def _device_of(map_location: Any) -> torch.device | None:
-    """The device tensors go to (they are read into CPU memory), or None to leave them."""
-    if map_location is None:
-        return None
-    if isinstance(map_location, str | torch.device):
-        return torch.device(map_location)
-    if isinstance(map_location, dict):
-        target = map_location.get("cpu")
-        return None if target is None else torch.device(target)
-    if callable(map_location):  # torch.load style: fn(storage, location) -> storage
-        moved = map_location(torch.UntypedStorage(0), "cpu")
-        return getattr(moved, "device", None)
-    raise TypeError(f"unsupported map_location {map_location!r}")
 
 
 def _child(dirpath: Any, name: str) -> str:

@@ -1,7 +1,7 @@
 """Ctrl-C during a save, with real signals against a real S3 server (moto over HTTP).
 
-A subprocess (``interrupted_save.py``) saves 256 MiB, through a ``Checkpointer`` or
-``shardckpt.save``, to moto behind a proxy that lets uploads through at 32 MiB/s: the save
+A subprocess (``interrupted_save.py``) saves 256 MiB, through a ``Checkpointer``,
+``shardckpt.save`` or the Lightning plugin (whose background saves are the Checkpointer's), to moto behind a proxy that lets uploads through at 32 MiB/s: the save
 takes at least 8 s on any machine, so the signals land while the upload is in flight. The
 first Ctrl-C must say that the save finishes and how to abort it; the second must end the
 process within seconds with nothing committed and nothing that gc (grace 0) leaves behind.
@@ -103,7 +103,7 @@ def _start(mode: str, moto: LocalS3Server, proxy: FaultProxy) -> tuple[Saver, st
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["checkpointer", "save"])
+@pytest.mark.parametrize("mode", ["checkpointer", "save", "lightning"])
 def test_ctrl_c_twice_aborts_within_seconds_and_commits_nothing(
     moto: LocalS3Server, slow_link: FaultProxy, mode: str
 ) -> None:
@@ -125,7 +125,7 @@ def test_ctrl_c_twice_aborts_within_seconds_and_commits_nothing(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["checkpointer", "save"])
+@pytest.mark.parametrize("mode", ["checkpointer", "save", "lightning"])
 def test_ctrl_c_once_says_so_and_lets_the_save_finish(
     moto: LocalS3Server, slow_link: FaultProxy, mode: str
 ) -> None:
