@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -280,3 +281,58 @@ def test_config_errors_and_a_disabled_manager(tmp_path: Any) -> None:
     off.train(2)
     assert off.manager.load() is False
     off.manager.close()
+
+
+def _two_ranks(rank: int, world: int, uri: str, endpoint: str) -> dict[str, Any]:
+    """On each of two gloo ranks: the model sharded with FSDP2 (DTensor parameters and
+    optimizer state, as torchtitan's data parallelism makes them), save, resume, preempt."""
+    from torch.distributed.fsdp import fully_shard
+
+    def sharded() -> Run:
+        run = Run(config=Manager.Config(), dp_rank=rank, dp_world=world)
+        fully_shard(run.model)
+        run.optimizers = default_adamw(lr=1e-2, implementation="foreach").build(
+            model_parts=[run.model]
+        )
+        run.lr_schedulers = LRSchedulersContainer.Config(warmup_steps=2).build(
+            optimizers=run.optimizers, training_steps=20
+        )
+        run.manager = Manager.Config(
+            enable=True, folder=uri, endpoint=endpoint, interval=2, keep_latest_k=2
+        ).build(
+            dataloader=run.dataloader,
+            model_parts=[run.model],
+            optimizers=run.optimizers,
+            lr_schedulers=run.lr_schedulers,
+            states={"train_state": run.train_state},
+            sd_adapter=None,
+        )
+        return run
+
+    first = sharded()
+    first.train(5)  # saves 2 and 4
+    first.manager.close()
+    second = sharded()
+    assert second.manager.load()
+    resumed_at = second.train_state.step
+    if rank == 1:  # only rank 1 is told to stop: both must save step 5 and exit
+        os.kill(os.getpid(), signal.SIGTERM)
+    try:
+        second.train(1)
+    except SystemExit as stop:
+        return {"resumed_at": resumed_at, "exit": stop.code, "data": second.dataloader.state_dict()}
+    return {"resumed_at": resumed_at, "exit": None}
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_fsdp_resume_and_preemption(moto: Any) -> None:
+    from tests.distributed import run_ranks
+
+    bucket = f"titan-{uuid.uuid4().hex[:12]}"
+    moto.create_bucket(bucket)
+    uri = f"s3://{bucket}/run"
+    results = run_ranks(_two_ranks, 2, uri, moto.endpoint, timeout=120)
+    assert [r["resumed_at"] for r in results] == [4, 4]
+    assert [r["exit"] for r in results] == [PREEMPTED_EXIT, PREEMPTED_EXIT]
+    assert [next(iter(r["data"])) for r in results] == ["dp_rank_0", "dp_rank_1"]
+    assert Checkpointer(uri, endpoint=moto.endpoint).steps() == [4, 5]
