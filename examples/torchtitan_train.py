@@ -17,7 +17,11 @@ device detection is pointed at "cpu" before torchtitan is imported; its MoE expe
 kernels import triton (absent from CPU builds of torch) unconditionally, so that one module is
 replaced by a stub that fails if called (the dense debug model never calls it); its memory
 monitor asks ``torch.cpu`` for what only ``torch.cuda`` has (device name, capacity, memory
-statistics), so those answers are added.
+statistics), so those answers are added. The config then swaps what the CPU cannot run:
+FlexAttention (no backward on the CPU) for causal SDPA, the same attention on sequences of one
+document; FSDP (its reduce-scatter needs PREMUL_SUM, absent from gloo) for replication (DDP).
+With any device, torchtitan 0.3's trainer calls ``torch.distributed.set_timeout``, which torch
+2.13 does not have; its private ``_set_pg_timeout`` stands in.
 """
 
 from __future__ import annotations
@@ -184,8 +188,13 @@ def llama3_debug_shardckpt() -> Trainer.Config:
         keep_latest_k=2,
         last_save_model_only=False,
     )
-    if not torch.cuda.is_available():  # FlexAttention has no backward on the CPU
+    if not torch.cuda.is_available():
         _use_sdpa(config.model_spec.model)  # type: ignore[union-attr]
+        # FSDP's reduce-scatter needs PREMUL_SUM, which gloo lacks: data parallelism by
+        # replication (DDP) instead, on the DTensor backend that does not require FSDP meshes
+        config.parallelism.data_parallel_replicate_degree = int(os.environ.get("WORLD_SIZE", "1"))
+        config.parallelism.data_parallel_shard_degree = 1
+        config.parallelism.spmd_backend = "partial_dtensor"
     config.tokenizer = NoTokenizer.Config()
     config.dataloader = RandomTokenLoader.Config()
     config.training.seq_len = 64
