@@ -77,8 +77,8 @@ def create() -> str:
     return python
 
 
-def rerun_in_env(argv: Sequence[str]) -> NoReturn:
-    """Run ``python -m benchmarks argv`` again in the environment, in place of this process.
+def rerun_in_env(argv: Sequence[str], module: str = "benchmarks") -> NoReturn:
+    """Run ``python -m module argv`` again in the environment, in place of this process.
     Its ``bin`` lacks the rclone and weed binaries, so this one's goes on PATH."""
     python = create()
     scripts = sysconfig.get_path("scripts")
@@ -86,4 +86,4 @@ def rerun_in_env(argv: Sequence[str]) -> NoReturn:
     logger.info("running in the fsspec peers' environment %s", VENV)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(python, [python, "-m", "benchmarks", *argv], env)
+    os.execve(python, [python, "-m", module, *argv], env)
