@@ -41,7 +41,7 @@ from torch import nn
 
 from benchmarks import peer_env
 from benchmarks.spawn import _free_port
-from shardckpt.devserver import LocalS3Server, start_seaweedfs
+from shardckpt.testing.servers import LocalS3Server, start_seaweedfs
 
 MiB = 1 << 20
 SYSTEMS = ("stock", "shardckpt")

@@ -39,7 +39,7 @@ trap cleanup EXIT
 if [ -z "${ENDPOINT:-}" ]; then
     python - "$WORK/server.env" <<'PY' &
 import signal, sys
-from shardckpt import devserver
+from shardckpt.testing import servers as devserver
 server = devserver.start_moto()
 server.create_bucket("titan")
 with open(sys.argv[1] + ".tmp", "w") as f:

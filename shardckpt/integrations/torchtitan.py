@@ -63,7 +63,8 @@ from torchtitan.components.checkpointer import (
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.tools import filesystem
 
-from shardckpt import Checkpointer, SaveHandle
+from shardckpt.engine.background import SaveHandle
+from shardckpt.engine.checkpointer import Checkpointer
 from shardckpt.errors import ConfigError
 
 if TYPE_CHECKING:
