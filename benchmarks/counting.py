@@ -58,6 +58,7 @@ class RequestCounter:
             target=self._loop.run_forever, name="request-counter", daemon=True
         )
         self._server: asyncio.base_events.Server | None = None
+        self._clients: set[asyncio.StreamWriter] = set()  # the open client connections
 
     def start(self) -> str:
         self._thread.start()
@@ -73,31 +74,48 @@ class RequestCounter:
             return Counter(self._counts)
 
     def stop(self) -> None:
+        """Close the relay and its loop. Clients keep pooled connections open (s3fs), so
+        relays are still running: each is ended here by closing its client's connection, or
+        the garbage collector would later run their cleanup on a closed loop ("Event loop
+        is closed")."""
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self._loop.close()
+
+    async def _shutdown(self) -> None:
         if self._server is not None:
-            self._loop.call_soon_threadsafe(self._server.close)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+            self._server.close()
+        relays = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for client in self._clients:
+            client.close()  # its relay reads the end of the stream and finishes
+        await asyncio.gather(*relays, return_exceptions=True)
+        await asyncio.sleep(0)  # the closed connections' last callbacks run
+        if self._server is not None:
+            await self._server.wait_closed()
 
     # -- the relay --------------------------------------------------------------------------
     async def _serve(
         self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter
     ) -> None:
+        self._clients.add(client_out)
         upstream_in, upstream_out = await asyncio.open_connection(*self._upstream, limit=_CHUNK)
         back = asyncio.create_task(_pipe(upstream_in, client_out))
         try:
             while True:
-                try:
-                    head = await client_in.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    break
+                head = await client_in.readuntil(b"\r\n\r\n")
                 headers = self._count(head)
                 upstream_out.write(head)
                 await _relay_body(headers, client_in, upstream_out)
                 await upstream_out.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the client left (or ``stop`` closed its connection)
         finally:
             upstream_out.close()
             await asyncio.gather(back, return_exceptions=True)
             client_out.close()
+            self._clients.discard(client_out)
 
     def _count(self, head: bytes) -> dict[str, str]:
         lines = head.decode("latin-1").split("\r\n")

@@ -105,6 +105,17 @@ def machine() -> dict[str, Any]:
     }
 
 
+def reclaim_url(server: Any) -> str | None:
+    """For SeaweedFS, the master's URL that compacts its volumes now: deleted objects keep
+    their disk space until then (the master's own pass is every 15 minutes), and a run
+    writes the state once per system and rep (a 16 GiB state, 4 systems, 2 reps: 128 GiB).
+    The port is read off the command line ``shardckpt.testing.servers`` started it with."""
+    if server.kind != "seaweedfs":
+        return None
+    flag = next(a for a in server.proc.args if str(a).startswith("-master.port="))
+    return f"http://127.0.0.1:{flag.split('=')[1]}/vol/vacuum?garbageThreshold=0.001"
+
+
 def run(config: Config) -> dict[str, Any]:
     """Run ``config``; write ``<out_dir>/<name>.json`` and ``.png``; return the results."""
     from shardckpt.testing.servers import start
@@ -151,6 +162,7 @@ def run(config: Config) -> dict[str, Any]:
                 config.count_requests,
                 config.connector_reader,
                 config.server,
+                reclaim_url(server),
             )
             log = run_ranks(rank_main, workload.world_size, plan)[0]
             results["workloads"].append(report.summarise(workload, log))

@@ -29,10 +29,7 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
-import socket
 import statistics
-import subprocess
 import tempfile
 import time
 import uuid
@@ -40,16 +37,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import torch
 
-from benchmarks.s3util import REGION, MiB, Target, delete_prefix
+from benchmarks.s3util import MiB, Target, delete_prefix
 from benchmarks.systems import Connector, Phases, RawLimit, Shardckpt, State, System
-from shardckpt.testing.servers import start_moto, start_rclone
+from shardckpt.testing.servers import start
 
 PEER = "s3tc-t8"
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "transport_bench.json"
-WEED_KEY, WEED_SECRET = "shardckpt-bench", "shardckpt-bench-secret"
 
 
 class ShardckptOver(Shardckpt):
@@ -84,88 +79,14 @@ class ShardckptOver(Shardckpt):
         return None
 
 
-def _ports_free(*ports: int) -> bool:
-    for port in ports:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
-
-
-def _weed_ports() -> list[int]:
-    """Six ports below 55000 whose +10000 (weed's gRPC ports) are free too."""
-    base = 20000 + (os.getpid() * 7) % 30000
-    for start in range(base, base + 3000, 6):
-        ports = list(range(start, start + 6))
-        if max(ports) < 55000 and _ports_free(*ports, *(p + 10000 for p in ports)):
-            return ports
-    raise RuntimeError("no free ports for SeaweedFS")
-
-
-@contextlib.contextmanager
-def seaweedfs(bucket: str) -> Iterator[str]:
-    """``weed mini`` on 127.0.0.1 only (every service bound to loopback), with ``bucket``;
-    yields its S3 endpoint and removes its data afterwards."""
-    weed = shutil.which("weed")
-    if weed is None:
-        raise SystemExit("weed (SeaweedFS) is not on PATH")
-    s3, master, volume, filer, iceberg, lance = _weed_ports()
-    data = tempfile.mkdtemp(prefix="shardckpt-weed-")
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": WEED_KEY, "AWS_SECRET_ACCESS_KEY": WEED_SECRET}
-    command = [
-        weed,
-        "mini",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        f"-dir={data}",
-        f"-bucket={bucket}",
-        f"-s3.port={s3}",
-        f"-master.port={master}",
-        f"-volume.port={volume}",
-        f"-filer.port={filer}",
-        f"-s3.port.iceberg={iceberg}",
-        f"-s3.port.lance={lance}",
-    ]
-    log = open(os.path.join(data, "weed.log"), "wb")  # noqa: SIM115  (closed below)
-    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{s3}"
-    try:
-        os.environ.update(AWS_ACCESS_KEY_ID=WEED_KEY, AWS_SECRET_ACCESS_KEY=WEED_SECRET)
-        client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
-        deadline = time.monotonic() + 60
-        while True:  # the bucket answers once master, volume, filer and s3 are all up
-            try:
-                client.head_bucket(Bucket=bucket)
-                break
-            except Exception:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"SeaweedFS did not start; see {data}/weed.log") from None
-                time.sleep(0.5)
-        yield endpoint
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        shutil.rmtree(data, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def server(args: argparse.Namespace) -> Iterator[str]:
-    """The endpoint to measure, with ``args.bucket`` in it and credentials in the environment."""
+    """The endpoint to measure, with ``args.bucket`` in it and credentials in the environment:
+    ``args.endpoint``, or a local ``args.server`` started as the test suite starts it."""
     if args.endpoint:
         yield args.endpoint
         return
-    if args.server == "seaweedfs":
-        with seaweedfs(args.bucket) as endpoint:
-            yield endpoint
-        return
-    with {"moto": start_moto, "rclone": start_rclone}[args.server]() as local:
+    with start(args.server) as local:
         os.environ.update(local.env)
         local.create_bucket(args.bucket)
         yield local.endpoint

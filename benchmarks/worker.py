@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,9 @@ class Plan:
     """Everything a rank needs: the ``workload``, the ``systems`` by name, ``reps``, the
     server ``endpoint`` and ``bucket``, a ``run_id`` (key prefix), the local ``scratch``
     folder, ``cap_seconds`` (a system whose save+load takes longer is not repeated), whether
-    to ``count_requests``, the s3torchconnector reader variant and the kind of ``server``."""
+    to ``count_requests``, the s3torchconnector reader variant, the kind of ``server``, and
+    the URL that makes it reclaim deleted objects' space (SeaweedFS), called untimed after
+    each save+load's objects are deleted."""
 
     workload: Workload
     systems: tuple[str, ...]
@@ -42,6 +45,7 @@ class Plan:
     count_requests: bool
     connector_reader: str = "dcp_optimized"
     server: str = "seaweedfs"
+    reclaim_url: str | None = None
 
 
 @dataclass
@@ -132,6 +136,8 @@ class _Runner:
         if self.rank == 0 and system.uses_s3:
             bucket, prefix = split_uri(uri)
             delete_prefix(self.client, bucket, prefix + "/")
+            if self.plan.reclaim_url:
+                urllib.request.urlopen(self.plan.reclaim_url, timeout=300).read()
         dist.barrier()
         return outcome
 

@@ -1,7 +1,7 @@
 """Round trips through every store target: what goes in comes back out, byte for byte.
 
 Runs on every target of ``conftest.TARGETS`` (local, moto over boto3 and CRT, rclone over
-boto3). Where a server lets us see how an object was uploaded (moto's multipart ETags end in
+boto3, SeaweedFS over boto3 and CRT). Where a server lets us see how an object was uploaded (moto's multipart ETags end in
 ``-<parts>``), the tests check that the path they mean to exercise really was taken.
 """
 
