@@ -101,7 +101,7 @@ def _rank(cmd: dict[str, Any], rank: int) -> None:
     )
     dist.init_process_group("gloo", rank=rank, world_size=2)
     timeline = _Timeline()
-    writer_log = logging.getLogger("shardckpt.dcp.writer")
+    writer_log = logging.getLogger("shardckpt.dcp")  # the writer and its commit
     writer_log.setLevel(logging.DEBUG)
     writer_log.addHandler(timeline)
     seed, mib = cmd["seed"], cmd["mib"]
