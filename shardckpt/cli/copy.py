@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from shardckpt._util.bytes import crc32c
+from shardckpt._util.tree import tensor_leaves
 from shardckpt.cli.options import (
     add_checkpoint_arguments,
     checkpoint_layout,
@@ -53,26 +54,14 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise ShardckptError(
                 "writing .safetensors needs the safetensors package: pip install safetensors"
             ) from None
-        flat = _flat_tensors(state)
+        # safetensors holds tensors only, by flat name; other values have no place there
+        flat = {".".join(map(str, path)): t for path, t in tensor_leaves(state).items()}
         save_file({k: v.contiguous() for k, v in flat.items()}, args.out)
         print(f"wrote {len(flat)} tensors to {args.out}")
     else:
         torch.save(state, args.out)
         print(f"wrote {args.out}")
     return 0
-
-
-def _flat_tensors(value: Any, prefix: str = "") -> dict[str, torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return {prefix.rstrip("."): value}
-    out: dict[str, torch.Tensor] = {}
-    if isinstance(value, dict):
-        for k, v in value.items():
-            out.update(_flat_tensors(v, f"{prefix}{k}."))
-    elif isinstance(value, list | tuple):
-        for i, v in enumerate(value):
-            out.update(_flat_tensors(v, f"{prefix}{i}."))
-    return out  # non-tensor values have no place in safetensors
 
 
 def cmd_cp(args: argparse.Namespace) -> int:

@@ -38,8 +38,7 @@ from shardckpt._util.bytes import crc32c
 from shardckpt.errors import InvalidURIError, ShardckptError
 from shardckpt.retention.deletion import delete_mirrored
 from shardckpt.store import ObjectInfo, ObjectStore, open_store
-from shardckpt.tools.mirror_scan import FileChanged, Unit, read_stable, scan
-from shardckpt.tools.mirror_scan import marker_key as _marker_key
+from shardckpt.tools.mirror_scan import FileChanged, Unit, marker_key, read_stable, scan
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +194,7 @@ class Mirror:
                     (unit.name, key): pool.submit(self._sync_file, unit, key, path, st, report)
                     for unit in ready
                     for key, (path, st) in unit.files.items()
-                    if not (unit.is_dcp and key == _marker_key(unit))
+                    if not (unit.is_dcp and key == marker_key(unit))
                 }
                 failed = {name for (name, _), job in jobs.items() if not _succeeded(job, report)}
                 # Then each DCP unit's marker, only once all its data is there.
@@ -203,8 +202,8 @@ class Mirror:
                     pool.submit(
                         self._sync_file,
                         unit,
-                        _marker_key(unit),
-                        *unit.files[_marker_key(unit)],
+                        marker_key(unit),
+                        *unit.files[marker_key(unit)],
                         report,
                     )
                     for unit in ready
@@ -234,8 +233,8 @@ class Mirror:
         """Upload one file unless its bytes are already there. For a DCP unit's data, the
         remote marker is deleted before the first changed byte goes up."""
         record = self._uploaded.get(key)
-        marker_key = _marker_key(unit) if unit.is_dcp else None
-        forced = key == marker_key and marker_key not in self._remote_keys()
+        marker = marker_key(unit) if unit.is_dcp else None
+        forced = key == marker and marker not in self._remote_keys()
         if (
             not forced
             and record is not None
