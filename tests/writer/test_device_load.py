@@ -233,7 +233,7 @@ def test_cuda_targets_load_bit_exact_through_pinned_pieces(  # type: ignore[no-u
     dcp.save(state, storage_writer=ShardWriter(uri, object_size=MiB, **target.options))
     out = {k: torch.zeros_like(v) for k, v in state.items()}
     out["t"] = torch.zeros(200, 300, device="cuda").t()  # not contiguous: not filled in place
-    reader = ShardReader(uri, **target.options)
+    reader = ShardReader(uri, num_threads=2, **target.options)  # 3 pieces for 4 objects
     dcp.load(out, storage_reader=reader)
     for k, v in state.items():  # on the caller's stream, with no synchronize of ours
         assert out[k].device.type == "cuda" and torch.equal(out[k], v), k
