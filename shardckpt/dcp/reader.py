@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 
 from shardckpt._util.bytes import byte_view_of, crc32c, crc32c_of, each_view, empty_bytes
 from shardckpt.compat import narrow_to_chunk
+from shardckpt.dcp.device_load import DeviceLoader, DeviceLoadStats, Fill, device_bytes, load_device
 from shardckpt.dcp.load_checks import check_safe_to_unpickle
 from shardckpt.dcp.requests import Countdown, Request, coalesce
 from shardckpt.errors import (
@@ -56,8 +57,10 @@ class _Destination:
     location: ItemLocation
     buffer: memoryview
     target: torch.Tensor | None = None  # the tensor DCP gave us, if not filled in place
-    direct: bool = False  # buffer is the target's own memory
+    direct: bool = False  # buffer (or device) is the target's own memory
     pieces: list[tuple[ObjectRecord, int, int, int]] = field(default_factory=list)
+    on_device: bool = False  # a CUDA target filled through pinned pieces (device_load.py)
+    device: torch.Tensor | None = None  # then: the device bytes its stored chunk lands in
 
 
 class ShardReader(StorageReader):
@@ -97,6 +100,8 @@ class ShardReader(StorageReader):
         self._layout = layout or Layout()
         self.manifest: Manifest | None = None
         self.load_id = _new_id()  # DCP's StorageMeta.load_id: one per load
+        self._device_loader = DeviceLoader(num_threads)  # its pinned pieces serve every load
+        self.device_stats: DeviceLoadStats | None = None  # the last load's, if it had CUDA targets
 
     @classmethod
     def for_checkpoint(
@@ -170,21 +175,26 @@ class ShardReader(StorageReader):
         # Several items may need the same stored chunk (resharding): fetch it once, and
         # then never straight into one of their targets.
         needed = Counter(item.storage_index for item in plan.items)
+        shared = plan.storage_data if isinstance(plan.storage_data, _SharedFetch) else None
+        device = load_device() if shared is None else None  # a shared fetch broadcasts
         destinations = [
-            self._destination(item, planner, direct_ok=needed[item.storage_index] == 1)
+            self._destination(
+                item, planner, direct_ok=needed[item.storage_index] == 1, device=device
+            )
             for item in plan.items
         ]
         unique = {dest.item.storage_index: dest for dest in destinations}
-        shared = plan.storage_data if isinstance(plan.storage_data, _SharedFetch) else None
         if shared is None:
-            self._fetch(list(unique.values()))
+            self._fetch([d for d in unique.values() if not d.on_device])
+            self._load_on_device([d for d in unique.values() if d.on_device])
         else:
             me = dist.get_rank(self.process_group)
             self._fetch([d for i, d in unique.items() if shared.owners.get(i, me) == me])
             received = self._receive_shared(shared, unique)
             self._verify([unique[i] for i in received])
         for dest in destinations:
-            dest.buffer = unique[dest.item.storage_index].buffer
+            same = unique[dest.item.storage_index]
+            dest.buffer, dest.device = same.buffer, same.device
             self._deliver(dest, planner)
         future: torch.futures.Future[None] = torch.futures.Future()
         future.set_result(None)
@@ -192,7 +202,7 @@ class ShardReader(StorageReader):
 
     # -- the data path ----------------------------------------------------------------------
     def _destination(
-        self, item: ReadItem, planner: LoadPlanner, *, direct_ok: bool
+        self, item: ReadItem, planner: LoadPlanner, *, direct_ok: bool, device: torch.device | None
     ) -> _Destination:
         assert self.manifest is not None
         location = self.manifest.locations.get(item.storage_index)
@@ -202,7 +212,10 @@ class ShardReader(StorageReader):
             )
         if item.type == LoadItemType.TENSOR:
             target = planner.resolve_tensor(item).detach()
-            if direct_ok and _fills_whole(target, item, location):
+            whole = direct_ok and _fills_whole(target, item, location)
+            if device is not None and target.device == device:
+                return _Destination(item, location, memoryview(b""), target, whole, on_device=True)
+            if whole and target.device.type == "cpu":
                 return _Destination(item, location, byte_view_of(target), target, direct=True)
             return _Destination(item, location, empty_bytes(location.length), target)
         return _Destination(item, location, empty_bytes(location.length))
@@ -250,6 +263,20 @@ class ShardReader(StorageReader):
         for dest, same in copies:
             dest.buffer[:] = same.buffer
         self._verify([dest for dest, _ in copies])
+
+    def _load_on_device(self, destinations: list[_Destination]) -> None:
+        """Fill CUDA targets through reused pinned host pieces, copied on a side stream
+        (dcp/device_load.py); items with the very same bytes share their object's GET."""
+        fills = []
+        for dest in destinations:
+            assert dest.target is not None
+            dest.device = device_bytes(dest.target, dest.direct, dest.location.length)
+            dest.pieces, home = self._pieces(dest), self._stream(dest).home
+            keyed = [(self._layout.resolve(o.key, home), s, n, at) for o, s, n, at in dest.pieces]
+            fills.append(Fill(dest, dest.device, keyed))
+        self.device_stats = (
+            self._device_loader.load(fills, self.store.get_into, self._check) if fills else None
+        )
 
     def _receive_shared(
         self, shared: _SharedFetch, unique: dict[MetadataIndex, _Destination]
@@ -309,7 +336,9 @@ class ShardReader(StorageReader):
             md = self.manifest.metadata.state_dict_metadata[item.storage_index.fqn]
             assert isinstance(md, TensorStorageMetadata)
             stored = (
-                torch.frombuffer(dest.buffer, dtype=md.properties.dtype)
+                dest.device.view(md.properties.dtype)
+                if dest.device is not None
+                else torch.frombuffer(dest.buffer, dtype=md.properties.dtype)
                 if len(dest.buffer)
                 else torch.empty(0, dtype=md.properties.dtype)
             )
@@ -353,8 +382,7 @@ def _share_owners(
 def _fills_whole(target: torch.Tensor, item: ReadItem, location: ItemLocation) -> bool:
     """Whether the stored chunk can be read straight into ``target``'s memory."""
     return (
-        target.device.type == "cpu"
-        and target.is_contiguous()
+        target.is_contiguous()
         and all(o == 0 for o in item.storage_offsets)
         and tuple(item.lengths) == tuple(location.chunk or ())
         and tuple(target.shape) == tuple(location.chunk or ())
