@@ -22,7 +22,6 @@ default, or ``--endpoint``). Results: ``benchmarks/results/load_bench.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -37,7 +36,13 @@ import torch.distributed.checkpoint as dcp
 
 from benchmarks.s3util import MiB, Target, delete_prefix
 from benchmarks.systems import Phases, RawLimit, Shardckpt, State, System
-from benchmarks.transport_bench import cpu_seconds, make_state, server
+from benchmarks.transport_bench import (
+    cpu_seconds,
+    make_state,
+    one_process_parser,
+    parse_sizes,
+    server,
+)
 from shardckpt import ShardReader
 from shardckpt.store import ObjectStore
 
@@ -153,19 +158,9 @@ def summary(samples: dict[str, list[dict[str, Any]]], base: str = "raw") -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--server", default="seaweedfs", choices=("seaweedfs", "rclone", "moto"))
-    parser.add_argument("--endpoint", help="a running S3 server instead (credentials from env)")
-    parser.add_argument("--bucket", default="load-bench")
-    parser.add_argument("--size-mib", type=int, default=1024, help="state size (default 1024)")
-    parser.add_argument("--tensors", type=int, default=64, help="tensors (default 64)")
-    parser.add_argument("--reps", type=int, default=7, help="timed repetitions (default 7)")
+    parser = one_process_parser(__doc__, bucket="load-bench", reps=7)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    args = parser.parse_args(argv)
-    if args.reps < 1 or args.size_mib < 1 or args.tensors < 1:
-        parser.error("--reps, --size-mib and --tensors must be positive")
+    args = parse_sizes(parser, argv)
     print(
         f"load_bench: {args.size_mib} MiB in {args.tensors} tensors on "
         f"{args.endpoint or args.server}, {args.reps} reps after a warm-up",

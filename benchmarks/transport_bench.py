@@ -192,26 +192,41 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
+def one_process_parser(
+    description: str | None, *, bucket: str, reps: int
+) -> argparse.ArgumentParser:
+    """The options every one-process benchmark here takes: the server, the state's size, reps."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--server", default="seaweedfs", choices=("seaweedfs", "rclone", "moto"))
     parser.add_argument("--endpoint", help="a running S3 server instead (credentials from env)")
-    parser.add_argument("--bucket", default="transport-bench")
+    parser.add_argument("--bucket", default=bucket)
     parser.add_argument("--size-mib", type=int, default=1024, help="state size (default 1024)")
     parser.add_argument("--tensors", type=int, default=64, help="tensors (default 64)")
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions (default 3)")
+    parser.add_argument(
+        "--reps", type=int, default=reps, help=f"timed repetitions (default {reps})"
+    )
+    return parser
+
+
+def parse_sizes(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if args.reps < 1 or args.size_mib < 1 or args.tensors < 1:
+        parser.error("--reps, --size-mib and --tensors must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = one_process_parser(__doc__, bucket="transport-bench", reps=3)
     parser.add_argument(
         "--systems",
         default=f"shardckpt-boto3,shardckpt-crt,{PEER},raw",
         help="comma-separated (default: all four)",
     )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    args = parser.parse_args(argv)
+    args = parse_sizes(parser, argv)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    if args.reps < 1 or args.size_mib < 1 or args.tensors < 1:
-        parser.error("--reps, --size-mib and --tensors must be positive")
     where = args.endpoint or args.server
     print(
         f"transport_bench: {args.size_mib} MiB in {args.tensors} tensors on {where}, "
