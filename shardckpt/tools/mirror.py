@@ -256,8 +256,8 @@ class Mirror:
                 self._uploaded[key] = FileState(len(data), st.st_mtime_ns, checksum)
             self._count_unchanged(report)
             return
-        if marker_key is not None and key != marker_key:
-            self._uncommit(marker_key)
+        if marker is not None and key != marker:
+            self._uncommit(marker)
         self.store.put(key, [data])
         with self._state_lock:
             self._uploaded[key] = FileState(len(data), st.st_mtime_ns, checksum)
@@ -278,16 +278,16 @@ class Mirror:
             self._uploaded[key] = FileState(st.st_size, st.st_mtime_ns, None)
             return True
 
-    def _uncommit(self, marker_key: str) -> None:
+    def _uncommit(self, marker: str) -> None:
         """Delete a DCP unit's remote marker (once) before its data changes."""
         with self._state_lock:
             assert self._remote is not None
-            if marker_key not in self._remote:
+            if marker not in self._remote:
                 return
             # The unit's own marker: the mirror puts it back once the new data is up.
-            delete_mirrored(self.store, [marker_key], owned=[marker_key])
-            del self._remote[marker_key]
-            self._uploaded.pop(marker_key, None)
+            delete_mirrored(self.store, [marker], owned=[marker])
+            del self._remote[marker]
+            self._uploaded.pop(marker, None)
 
     def _remote_keys(self) -> set[str]:
         with self._state_lock:

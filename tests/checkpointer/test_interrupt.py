@@ -98,7 +98,12 @@ def _start(mode: str, moto: LocalS3Server, proxy: FaultProxy) -> tuple[Saver, st
     saver = Saver(mode, uri, moto, proxy.endpoint)
     assert saver.proc.stdout is not None
     assert saver.proc.stdout.readline() == "saving\n"
-    time.sleep(0.5)  # the upload is under way
+    # Signal only once data is on the wire: before that (opening the store, planning) a
+    # Ctrl-C has no upload to finish, and on a busy machine that can take over a second.
+    deadline = time.monotonic() + 30
+    while proxy.throttled_bytes < 1 << 20:
+        assert time.monotonic() < deadline, "the upload did not start within 30 s"
+        time.sleep(0.05)
     return saver, uri
 
 
