@@ -74,9 +74,11 @@ def wait_or_abort(
             if future.done():
                 raise
             pending = exc
-    if not future.done():
-        _say(f"Ctrl-C: finishing {what}; press Ctrl-C again to abort it (nothing is committed)")
     try:
+        # Said inside the try: a second Ctrl-C right after the message must abort, not escape
+        # between the message and the wait (the save would then run on unannounced).
+        if not future.done():
+            _say(f"Ctrl-C: finishing {what}; press Ctrl-C again to abort it (nothing is committed)")
         result = future.result()
     except KeyboardInterrupt:
         if switch.abort():
