@@ -36,6 +36,7 @@ from shardckpt.compat import narrow_to_chunk
 from shardckpt.dcp.device_load import DeviceLoader, DeviceLoadStats, Fill, device_bytes, load_device
 from shardckpt.dcp.load_checks import check_safe_to_unpickle
 from shardckpt.dcp.requests import Countdown, Request, coalesce
+from shardckpt.dcp.store_handle import StoreHandle
 from shardckpt.errors import (
     ChecksumMismatchError,
     ManifestError,
@@ -44,7 +45,7 @@ from shardckpt.errors import (
 from shardckpt.format.layout import Layout
 from shardckpt.format.manifest import Manifest, read_manifest
 from shardckpt.format.records import ItemLocation, ObjectRecord, StreamRecord
-from shardckpt.store import ObjectStore, open_store
+from shardckpt.store import ObjectStore
 from shardckpt.store.base import gather
 from shardckpt.uri import parse_uri
 
@@ -87,16 +88,11 @@ class ShardReader(StorageReader):
         """``store`` and ``layout``: read through this open store (shared, e.g. a
         Checkpointer's) at this checkpoint's layout, instead of opening ``uri``."""
         super().__init__()
-        if store is not None and store_options:
-            raise TypeError(f"store options {sorted(store_options)} given with an open store")
+        self._handle = StoreHandle(uri, store, store_options)
         self.shared_fetch = shared_fetch
         self.process_group = process_group
-        parse_uri(uri)
-        self.uri = os.fspath(uri)
         self.num_threads = num_threads
         self.trusted = trusted
-        self._store_options = store_options
-        self._store = store
         self._layout = layout or Layout()
         self.manifest: Manifest | None = None
         self.load_id = _new_id()  # DCP's StorageMeta.load_id: one per load
@@ -111,17 +107,16 @@ class ShardReader(StorageReader):
         return cls(uri, store=store, layout=layout, **options)
 
     @property
+    def uri(self) -> str:
+        return self._handle.uri
+
+    @property
     def store(self) -> ObjectStore:
-        if self._store is None:
-            self._store = open_store(self.uri, **self._store_options)
-        return self._store
+        return self._handle.store
 
     # -- StorageReader protocol -----------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        if checkpoint_id is not None and os.fspath(checkpoint_id) != self.uri:
-            parse_uri(checkpoint_id)
-            self.uri = os.fspath(checkpoint_id)
-            self._store = None
+        self._handle.move(checkpoint_id)
         self.manifest = None
         self.load_id = _new_id()
 
@@ -143,7 +138,7 @@ class ShardReader(StorageReader):
         parent, name = parse_uri(self.uri).split()
         if not name:
             raise ManifestError(f"{self.uri} reuses other checkpoints' data but has no parent")
-        self._store = open_store(str(parent), **self._store_options)
+        self._handle.reroot(str(parent))
         self._layout = Layout(name)
 
     def set_up_storage_reader(

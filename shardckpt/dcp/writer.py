@@ -32,6 +32,7 @@ from shardckpt._util.abort import AbortSwitch
 from shardckpt._util.bytes import crc32c, crc32c_of, per_view, tensor_bytes
 from shardckpt.dcp.commit import RankReport, build_manifest, commit
 from shardckpt.dcp.incremental import ContentIndex, write_incremental
+from shardckpt.dcp.store_handle import StoreHandle
 from shardckpt.errors import (
     CheckpointExistsError,
     SaveFailedError,
@@ -39,7 +40,7 @@ from shardckpt.errors import (
 from shardckpt.format.layout import Layout, new_attempt_id
 from shardckpt.format.manifest import Manifest
 from shardckpt.format.records import ObjectRecord, RankItems, StreamRecord
-from shardckpt.store import ObjectStore, open_store
+from shardckpt.store import ObjectStore
 from shardckpt.store.base import gather, slice_views
 from shardckpt.store.retry import cancelled_by
 from shardckpt.uri import parse_uri
@@ -115,12 +116,8 @@ class ShardWriter(StorageWriter):
         ``attributes``: recorded in the manifest; ``base``: make the save incremental
         against it; ``abort_switch``: one the caller holds."""
         super().__init__()
-        self.options, self._store_options = split_options(options)
-        if store is not None and self._store_options:
-            raise TypeError(f"store options {sorted(self._store_options)} given with an open store")
-        self._store: ObjectStore | None = None
-        self._reset_uri(uri)
-        self._store = store
+        self.options, store_options = split_options(options)
+        self._handle = StoreHandle(uri, store, store_options)
         self._layout = layout or Layout(fanout=self.options.fanout)
         self._attributes = attributes or {}
         self.is_coordinator = False
@@ -154,23 +151,17 @@ class ShardWriter(StorageWriter):
             **dataclasses.asdict(options),
         )
 
-    def _reset_uri(self, uri: str | os.PathLike[str]) -> None:
-        parse_uri(uri)  # fail fast on a bad URI
-        self.uri = os.fspath(uri)
-        if self._store is not None:
-            self._store.close()
-        self._store = None
+    @property
+    def uri(self) -> str:
+        return self._handle.uri
 
     @property
     def store(self) -> ObjectStore:
-        if self._store is None:
-            self._store = open_store(self.uri, **self._store_options)
-        return self._store
+        return self._handle.store
 
     # -- StorageWriter protocol -----------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        if checkpoint_id is not None and os.fspath(checkpoint_id) != self.uri:
-            self._reset_uri(checkpoint_id)
+        self._handle.move(checkpoint_id)
         self.attempt = new_attempt_id()
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:

@@ -63,3 +63,20 @@ def test_split_options_parts_writer_and_store_options() -> None:
         WriterOptions(object_size=2 << 20, fanout=4),
         {"endpoint": "http://127.0.0.1:1"},
     )
+
+
+def test_a_reset_elsewhere_lets_go_of_a_given_store_without_closing_it(opened: Any) -> None:
+    """The store a Checkpointer shares stays usable when DCP points its writer or reader at
+    another checkpoint; the writer and reader then open their own."""
+    store, _ = opened
+    writer = ShardWriter(store.uri("step-1"), store=store)
+    reader = ShardReader(store.uri("step-1"), store=store)
+    writer.reset(store.uri("step-2"))
+    reader.reset(store.uri("step-2"))
+    assert writer.uri == reader.uri == store.uri("step-2")
+    assert writer.store is not store and reader.store is not store
+    # Above S3's multipart threshold: the upload needs the store's part pool, which close() stops.
+    config = getattr(store, "config", None)
+    data = b"x" * ((config.multipart_threshold if config else 0) + 1)
+    store.put("still-open", [data])
+    assert bytes(store.get("still-open")) == data
