@@ -55,6 +55,7 @@ class TimedReader(ShardReader):
     def __init__(self, uri: str, phases: dict[str, float], **options: Any) -> None:
         super().__init__(uri, **options)
         self.phases = phases
+        self._timed: ObjectStore | None = None  # the store whose opening was timed
 
     def _add(self, phase: str, started: float) -> None:
         self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - started
@@ -62,9 +63,9 @@ class TimedReader(ShardReader):
     @property
     def store(self) -> ObjectStore:
         started = time.perf_counter()
-        opening = self._store is None
-        store = ShardReader.store.fget(self)  # type: ignore[attr-defined]
-        if opening:
+        store = super().store
+        if store is not self._timed:  # just opened
+            self._timed = store
             self._add("open", started)
         return store
 
