@@ -129,8 +129,15 @@ class LocalStore:
             rel = os.path.relpath(dirpath, self.root)
             for name in filenames:
                 key = name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}"
-                if key.startswith(prefix):
-                    yield key, os.stat(os.path.join(dirpath, name))
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    st = os.stat(os.path.join(dirpath, name))
+                except FileNotFoundError:
+                    # Renamed into place or deleted since the directory was read; an S3
+                    # listing would not show it either, so it is no error.
+                    continue
+                yield key, st
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         found = [

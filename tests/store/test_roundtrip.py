@@ -494,6 +494,37 @@ def test_local_reader_never_sees_a_partial_object(tmp_path: Path) -> None:
     assert store.get("obj") == bytes([versions]) * size
 
 
+def test_local_listing_while_objects_come_and_go(tmp_path: Path) -> None:
+    """A listing races puts (a temporary file renamed into place) and deletes: a file gone
+    between reading its directory and its stat is left out, as S3's listing would, not
+    raised (it failed a commit race in CI: FileNotFoundError on another writer's temp file)."""
+    store = open_store(tmp_path / "store", fsync=False)
+    store.put("ckpt/kept", [b"k"])
+    done = threading.Event()
+
+    def churn(worker: int) -> None:
+        while not done.is_set():
+            for i in range(20):
+                store.put(f"ckpt/d{worker}/obj{i}", [b"x" * 64])
+            store.delete([f"ckpt/d{worker}/obj{i}" for i in range(20)])
+
+    listings = 0
+    with ThreadPoolExecutor(2) as pool:
+        churners = [pool.submit(churn, w) for w in range(2)]
+        try:
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                keys = [o.key for o in store.list("ckpt/")]
+                assert "ckpt/kept" in keys and all(".tmp-" not in k for k in keys), keys
+                list(store.list_pending_uploads("ckpt/"))
+                listings += 1
+        finally:
+            done.set()
+        for f in churners:
+            f.result()
+    assert listings > 10
+
+
 _CRASHING_WRITER = textwrap.dedent(
     """
     import sys
