@@ -12,6 +12,7 @@ import os
 import stat
 import uuid
 from collections.abc import Iterator, Sequence
+from typing import BinaryIO
 
 from shardckpt.errors import (
     AccessDeniedError,
@@ -24,6 +25,7 @@ from shardckpt.errors import (
 from shardckpt.store.base import Buffer, ObjectInfo, PendingUpload, StoreStats, as_byte_views
 
 TMP_MARK = ".tmp-shardckpt-"
+_CREATE_TRIES = 5
 
 
 class LocalStore:
@@ -63,8 +65,7 @@ class LocalStore:
         directory, name = os.path.split(path)
         tmp = os.path.join(directory, f".{name}{TMP_MARK}{uuid.uuid4().hex}")
         try:
-            os.makedirs(directory, exist_ok=True)
-            with open(tmp, "wb") as f:
+            with _create(directory, tmp) as f:
                 for view in views:
                     f.write(view)
                 if self._fsync:
@@ -193,6 +194,19 @@ class LocalStore:
 
     def close(self) -> None:
         pass
+
+
+def _create(directory: str, tmp: str) -> BinaryIO:
+    """``tmp`` opened for writing, its directory made first. A delete of the directory's last
+    object prunes the directory (and empty parents), and may do so at any step: then again."""
+    for attempt in range(_CREATE_TRIES):
+        try:
+            os.makedirs(directory, exist_ok=True)
+            return open(tmp, "wb")  # noqa: SIM115 - the caller closes it
+        except (FileNotFoundError, FileExistsError):  # makedirs' own check races the prune too
+            if attempt == _CREATE_TRIES - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _translate(exc: OSError, uri: str) -> StoreError:

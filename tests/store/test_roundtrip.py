@@ -495,18 +495,19 @@ def test_local_reader_never_sees_a_partial_object(tmp_path: Path) -> None:
 
 
 def test_local_listing_while_objects_come_and_go(tmp_path: Path) -> None:
-    """A listing races puts (a temporary file renamed into place) and deletes: a file gone
-    between reading its directory and its stat is left out, as S3's listing would, not
-    raised (it failed a commit race in CI: FileNotFoundError on another writer's temp file)."""
+    """Listings, puts and deletes race in one directory. A file gone between reading its
+    directory and its stat is left out, as S3's listing would, not raised (it failed a commit
+    race in CI: FileNotFoundError on another writer's temp file). A put whose directory a
+    delete prunes (it held the last object) makes the directory again, not 'does not exist'."""
     store = open_store(tmp_path / "store", fsync=False)
     store.put("ckpt/kept", [b"k"])
     done = threading.Event()
 
     def churn(worker: int) -> None:
         while not done.is_set():
-            for i in range(20):
-                store.put(f"ckpt/d{worker}/obj{i}", [b"x" * 64])
-            store.delete([f"ckpt/d{worker}/obj{i}" for i in range(20)])
+            for i in range(3):
+                store.put(f"ckpt/d/w{worker}-{i}", [b"x" * 64])
+            store.delete([f"ckpt/d/w{worker}-{i}" for i in range(3)])
 
     listings = 0
     with ThreadPoolExecutor(2) as pool:
