@@ -7,6 +7,7 @@ name, which fails atomically if the target exists.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -198,15 +199,14 @@ class LocalStore:
 
 def _create(directory: str, tmp: str) -> BinaryIO:
     """``tmp`` opened for writing, its directory made first. A delete of the directory's last
-    object prunes the directory (and empty parents), and may do so at any step: then again."""
-    for attempt in range(_CREATE_TRIES):
-        try:
+    object prunes the directory (and empty parents), and may do so at any step: then again.
+    ``os.makedirs``' own exists-check races the prune too (``FileExistsError``)."""
+    for _ in range(_CREATE_TRIES - 1):
+        with contextlib.suppress(FileNotFoundError, FileExistsError):
             os.makedirs(directory, exist_ok=True)
             return open(tmp, "wb")  # noqa: SIM115 - the caller closes it
-        except (FileNotFoundError, FileExistsError):  # makedirs' own check races the prune too
-            if attempt == _CREATE_TRIES - 1:
-                raise
-    raise AssertionError("unreachable")
+    os.makedirs(directory, exist_ok=True)  # the last try raises what it meets
+    return open(tmp, "wb")  # noqa: SIM115 - the caller closes it
 
 
 def _translate(exc: OSError, uri: str) -> StoreError:
