@@ -36,7 +36,7 @@ from shardckpt.compat import narrow_to_chunk
 from shardckpt.dcp.device_load import DeviceLoader, DeviceLoadStats, Fill, device_bytes, load_device
 from shardckpt.dcp.load_checks import check_safe_to_unpickle
 from shardckpt.dcp.requests import Countdown, Request, coalesce
-from shardckpt.dcp.store_handle import StoreHandle
+from shardckpt.dcp.store_handle import OnStoreHandle, StoreHandle
 from shardckpt.errors import (
     ChecksumMismatchError,
     ManifestError,
@@ -64,7 +64,7 @@ class _Destination:
     device: torch.Tensor | None = None  # then: the device bytes its stored chunk lands in
 
 
-class ShardReader(StorageReader):
+class ShardReader(OnStoreHandle, StorageReader):
     """Read a DCP checkpoint from ``uri``. Options: ``num_threads`` (parallel GETs per rank,
     default 8), ``trusted`` (default False: non-tensor values must load with
     ``torch.load(weights_only=True)``; True allows full unpickling, for checkpoints you
@@ -105,14 +105,6 @@ class ShardReader(StorageReader):
     ) -> ShardReader:
         """A reader for one checkpoint of a :class:`Checkpointer`, sharing its store."""
         return cls(uri, store=store, layout=layout, **options)
-
-    @property
-    def uri(self) -> str:
-        return self._handle.uri
-
-    @property
-    def store(self) -> ObjectStore:
-        return self._handle.store
 
     # -- StorageReader protocol -----------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:

@@ -33,14 +33,13 @@ class StoreHandle:
             self._opened_here = True
         return self._store
 
-    def move(self, uri: str | os.PathLike[str] | None) -> bool:
-        """Stand for ``uri`` from now on; False if it is None or the URI already held."""
+    def move(self, uri: str | os.PathLike[str] | None) -> None:
+        """Stand for ``uri`` from now on (None, or the URI already held: no change)."""
         if uri is None or os.fspath(uri) == self.uri:
-            return False
+            return
         parse_uri(uri)
         self.uri = os.fspath(uri)
         self._let_go()
-        return True
 
     def reroot(self, uri: str) -> None:
         """Work through the store rooted at ``uri`` (e.g. the checkpoint's parent) instead,
@@ -53,3 +52,17 @@ class StoreHandle:
         if self._opened_here and self._store is not None:
             self._store.close()
         self._store, self._opened_here = None, False
+
+
+class OnStoreHandle:
+    """The ``uri`` and ``store`` of a reader or writer: those of its :class:`StoreHandle`."""
+
+    _handle: StoreHandle
+
+    @property
+    def uri(self) -> str:
+        return self._handle.uri
+
+    @property
+    def store(self) -> ObjectStore:
+        return self._handle.store

@@ -32,7 +32,7 @@ from shardckpt._util.abort import AbortSwitch
 from shardckpt._util.bytes import crc32c, crc32c_of, per_view, tensor_bytes
 from shardckpt.dcp.commit import RankReport, build_manifest, commit
 from shardckpt.dcp.incremental import ContentIndex, write_incremental
-from shardckpt.dcp.store_handle import StoreHandle
+from shardckpt.dcp.store_handle import OnStoreHandle, StoreHandle
 from shardckpt.errors import (
     CheckpointExistsError,
     SaveFailedError,
@@ -91,7 +91,7 @@ def split_options(options: dict[str, Any]) -> tuple[WriterOptions, dict[str, Any
     }
 
 
-class ShardWriter(StorageWriter):
+class ShardWriter(OnStoreHandle, StorageWriter):
     """Write a DCP checkpoint to ``uri`` (``s3://bucket/prefix``, ``file://`` or a path).
 
     Options: those of :class:`WriterOptions` and of the store (``endpoint``, ``region``,
@@ -150,14 +150,6 @@ class ShardWriter(StorageWriter):
             abort_switch=abort_switch,
             **dataclasses.asdict(options),
         )
-
-    @property
-    def uri(self) -> str:
-        return self._handle.uri
-
-    @property
-    def store(self) -> ObjectStore:
-        return self._handle.store
 
     # -- StorageWriter protocol -----------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
